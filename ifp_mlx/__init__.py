@@ -1,0 +1,7 @@
+"""ifp-mlx: Instruction-Following Pruning on MLX."""
+
+from ifp_mlx import blas as _blas
+
+_blas.preload_openblas()
+
+__version__ = "0.1.0"

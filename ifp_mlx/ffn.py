@@ -1,0 +1,68 @@
+"""The compact FFN module that replaces every layer's MLP.
+
+It computes the FFN from gathered channel records (``ifp_mlx.bank``): one
+matmul for gate and up together, the activation, then the transposed down
+projection. The same module serves the dense model (all channels) and every
+pruned submodel, so switching selections only swaps arrays, never modules.
+"""
+
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.activations import swiglu
+
+from .bank import CompactFFN
+
+
+def _geglu(gate: mx.array, x: mx.array) -> mx.array:
+    return nn.gelu_approx(gate) * x
+
+
+GLU = {"silu": swiglu, "gelu_approx": _geglu}
+
+
+class CompactMLP(nn.Module):
+    def __init__(self, activation: str, layer: int):
+        super().__init__()
+        if activation not in GLU:
+            raise ValueError(f"unknown activation {activation!r}")
+        self.activation = activation
+        self.layer = layer
+        self.bits: Optional[int] = None
+        self.group_size: Optional[int] = None
+        # Called with (layer, activations [..., k]) during a scoring pass.
+        self.observer: Optional[Callable[[int, mx.array], None]] = None
+
+    def assign(self, ffn: CompactFFN) -> None:
+        """Point this layer at its slice of a gathered compact FFN."""
+        i = self.layer
+        self.gate_up = ffn.gate_up[i]
+        self.down_t = ffn.down_t[i]
+        self.bits, self.group_size = ffn.bits, ffn.group_size
+        if ffn.quantized:
+            self.gate_up_scales, self.gate_up_biases = ffn.gate_up_scales[i], ffn.gate_up_biases[i]
+            self.down_t_scales, self.down_t_biases = ffn.down_t_scales[i], ffn.down_t_biases[i]
+
+    @property
+    def width(self) -> int:
+        return self.down_t.shape[0]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.bits is None:
+            gate_up = x @ self.gate_up.T
+        else:
+            gate_up = mx.quantized_matmul(
+                x, self.gate_up, self.gate_up_scales, self.gate_up_biases,
+                transpose=True, group_size=self.group_size, bits=self.bits,
+            )
+        gate, up = mx.split(gate_up, 2, axis=-1)
+        hidden = GLU[self.activation](gate, up)
+        if self.observer is not None:
+            self.observer(self.layer, hidden)
+        if self.bits is None:
+            return hidden @ self.down_t
+        return mx.quantized_matmul(
+            hidden, self.down_t, self.down_t_scales, self.down_t_biases,
+            transpose=False, group_size=self.group_size, bits=self.bits,
+        )
