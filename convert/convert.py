@@ -39,6 +39,7 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 FFN_NAME = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
 QUANTIZABLE = re.compile(r"(_proj|embed_tokens|lm_head)\.weight$")
 DROPPED = re.compile(r"rotary_emb\.inv_freq$")
+PROBE_SIZE = 16
 NON_FLOAT_DTYPES = ("int64", "int32", "int16", "int8", "uint8", "bool")
 
 
@@ -104,6 +105,7 @@ class _Plan:
     activation: str
     parameters: int
     total_bytes: int
+    probe: Optional[list] = None  # first weights of layer 0's first gate row
 
 
 def _check_options(options: ConvertOptions) -> None:
@@ -255,7 +257,10 @@ def _write_bank(path: Path, plan: _Plan, options: ConvertOptions, tracker: _Prog
     writer = SafetensorsWriter(path, entries)
     try:
         for layer, parts in enumerate(plan.ffn):
-            records = channel_records(parts["gate"].read(), parts["up"].read(), parts["down"].read())
+            gate = parts["gate"].read()
+            if layer == 0:
+                plan.probe = [round(float(v), 6) for v in gate[0, :PROBE_SIZE]]
+            records = channel_records(gate, parts["up"].read(), parts["down"].read())
             for part in ("gate", "up", "down"):
                 tracker.advance(parts[part])
             arrays = _to_output(records, plan.dtype, options, quantized)
@@ -289,6 +294,9 @@ def _output_config(checkpoint: Checkpoint, plan: _Plan, options: ConvertOptions,
             "hidden_size": d,
         },
         "parameters": plan.parameters,
+        # Identifies the weights (not the dtype) so masks and predictors made
+        # for one model are refused by another with the same shapes.
+        "probe": plan.probe,
     }
     return config
 

@@ -75,24 +75,3 @@ def channel_records(gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.nd
     """One layer's HF-layout FFN (gate/up ``[d_ff, d]``, down ``[d, d_ff]``) -> ``[d_ff, 3, d]``."""
     return np.stack([gate, up, down.T], axis=1)
 
-
-def quantize_records(records: mx.array, bits: int, group_size: int) -> tuple[mx.array, mx.array, mx.array]:
-    """Affine-quantize float records ``[..., 3, d]`` along d (weight, scales, biases)."""
-    return mx.quantize(records, group_size=group_size, bits=bits)
-
-
-def split_records(records: mx.array) -> tuple[mx.array, mx.array]:
-    """``[L, k, 3, W]`` records -> contiguous ``gate_up [L, 2k, W]``, ``down_t [L, k, W]``."""
-    num_layers, k, _, width = records.shape
-    gate_up = records[:, :, :2].transpose(0, 2, 1, 3).reshape(num_layers, 2 * k, width)
-    return mx.contiguous(gate_up), mx.contiguous(records[:, :, DOWN])
-
-
-def dense_ffn(bank: Bank) -> CompactFFN:
-    """All channels, in order: the dense model, built without a gather."""
-    gate_up, down_t = split_records(bank.weight)
-    ffn = CompactFFN(gate_up, down_t, bits=bank.bits, group_size=bank.group_size)
-    if bank.quantized:
-        ffn.gate_up_scales, ffn.down_t_scales = split_records(bank.scales)
-        ffn.gate_up_biases, ffn.down_t_biases = split_records(bank.biases)
-    return ffn

@@ -1,0 +1,36 @@
+// Gather the selected channel records of every layer into the compact FFN,
+// in one dispatch, writing straight into the outputs (no split copies).
+//
+// This file is a kernel BODY: mx.fast.metal_kernel generates the signature.
+// Keep it plain enough to compile as C++ too (tests/metal_shim.h).
+//
+// Inputs:  records [L, d_ff, 3, W] of T   (slot 0 gate row, 1 up row, 2 down column)
+//          indices [L, k] uint32          (selected channels, each < d_ff)
+// Outputs: gate_up [L, 2k, W] of T        (rows 0..k-1 gate, rows k..2k-1 up)
+//          down_t  [L, k, W] of T
+// Grid:    (W, k, L), one thread per (word of a row, selected channel, layer).
+//
+// T is any type of the right size: the gather only moves bits, so the caller
+// may view the rows as wider words (uint64 for 8-byte multiples) to move
+// fewer, larger words. Sizes come from the shapes, not template constants, so
+// one compiled kernel serves every k. Offsets are size_t: a bank of a large
+// model holds more than 2^32 elements.
+
+const uint w = thread_position_in_grid.x;
+const uint i = thread_position_in_grid.y;
+const uint l = thread_position_in_grid.z;
+
+const size_t d_ff = records_shape[1];
+const size_t W = records_shape[3];
+const size_t k = indices_shape[1];
+if (w >= W || i >= k) {
+    return;
+}
+
+const size_t channel = indices[size_t(l) * k + i];
+const device T* src = records + (size_t(l) * d_ff + channel) * 3 * W + w;
+const size_t gate_row = size_t(l) * 2 * k + i;
+
+gate_up[gate_row * W + w] = src[0];
+gate_up[(gate_row + k) * W + w] = src[W];
+down_t[(size_t(l) * k + i) * W + w] = src[2 * W];
