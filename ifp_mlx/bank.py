@@ -75,3 +75,8 @@ def channel_records(gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.nd
     """One layer's HF-layout FFN (gate/up ``[d_ff, d]``, down ``[d, d_ff]``) -> ``[d_ff, 3, d]``."""
     return np.stack([gate, up, down.T], axis=1)
 
+
+
+def quantize_records(records: mx.array, bits: int, group_size: int) -> tuple[mx.array, mx.array, mx.array]:
+    """Affine-quantize float records ``[..., 3, d]`` along d (weight, scales, biases)."""
+    return mx.quantize(records, group_size=group_size, bits=bits)
