@@ -66,6 +66,9 @@ class CompactFFN:
     def k(self) -> int:
         return self.down_t.shape[1]
 
+    def arrays(self) -> list[mx.array]:
+        return [v for v in vars(self).values() if isinstance(v, mx.array)]
+
     @property
     def quantized(self) -> bool:
         return self.bits is not None

@@ -14,7 +14,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.generate import stream_generate
 
-from .generate import GenerationConfig, GenerationStats, stream
+from .engine import Engine
+from .generate import GenerationConfig, GenerationStats
 from .load import LoadedModel, load
 
 
@@ -30,7 +31,7 @@ class Timing:
 
 def _run_ifp(loaded: LoadedModel, tokens: list[int], max_tokens: int) -> tuple[float, float]:
     stats = GenerationStats()
-    for _ in stream(loaded, tokens, GenerationConfig(max_tokens=max_tokens), stats):
+    for _ in Engine(loaded).generate(tokens, GenerationConfig(max_tokens=max_tokens), stats):
         pass
     return stats.prompt_tps, stats.generation_tps
 

@@ -33,6 +33,8 @@ class CompactMLP(nn.Module):
         self.group_size: Optional[int] = None
         # Called with (layer, activations [..., k]) during a scoring pass.
         self.observer: Optional[Callable[[int, mx.array], None]] = None
+        # Multiplies the activations: zeroes channels (reference) or soft masks (training).
+        self.channel_mask: Optional[mx.array] = None
 
     def assign(self, ffn: CompactFFN) -> None:
         """Point this layer at its slice of a gathered compact FFN."""
@@ -58,6 +60,8 @@ class CompactMLP(nn.Module):
             )
         gate, up = mx.split(gate_up, 2, axis=-1)
         hidden = GLU[self.activation](gate, up)
+        if self.channel_mask is not None:
+            hidden = hidden * self.channel_mask
         if self.observer is not None:
             self.observer(self.layer, hidden)
         if self.bits is None:

@@ -9,6 +9,7 @@ submodel, are assigned to the CompactMLPs afterwards.
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,6 +30,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: TokenizerWrapper
     mlps: list[CompactMLP]
+    dense: Optional[CompactFFN] = None  # every channel, once built
 
     @property
     def ifp(self) -> dict:
@@ -49,6 +51,13 @@ class LoadedModel:
         if quant:
             return Bank(arrays["bank.weight"], arrays["bank.scales"], arrays["bank.biases"], quant["bits"], quant["group_size"])
         return Bank(arrays["bank.weight"])
+
+    def dense_ffn(self) -> CompactFFN:
+        """Every channel (built from the bank once, then kept)."""
+        if self.dense is None:
+            self.dense = dense_ffn(self.bank())
+            mx.eval(self.dense.arrays())
+        return self.dense
 
     def assign(self, ffn: CompactFFN) -> None:
         """Make every layer compute with ``ffn`` (dense or a gathered submodel)."""
@@ -90,8 +99,8 @@ def load(path: str | Path, dense: bool = True) -> LoadedModel:
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     loaded = LoadedModel(path, config, model, tokenizer, mlps)
     if dense:
-        loaded.assign(dense_ffn(loaded.bank()))
-        mx.eval(model.parameters())
+        loaded.assign(loaded.dense_ffn())
+    mx.eval(model.parameters())
     return loaded
 
 

@@ -173,3 +173,45 @@ def test_failure_midway_leaves_no_output(tmp_path):
 def test_missing_source(tmp_path):
     with pytest.raises(ConversionError, match="no such file"):
         convert(tmp_path / "nope", tmp_path / "out")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("fmt", ["pytorch", "pytorch-legacy"])
+def test_tiny_pytorch_matches_safetensors(tmp_path, family, fmt):
+    pytest.importorskip("torch")
+    write_hf_folder(tmp_path / "st", family)
+    write_hf_folder(tmp_path / "pt", family, fmt=fmt)
+    convert(tmp_path / "st", tmp_path / "from_st")
+    convert(tmp_path / "pt", tmp_path / "from_pt")
+    assert_same_arrays(converted_arrays(tmp_path / "from_st"), converted_arrays(tmp_path / "from_pt"))
+
+
+def test_single_pt_file_with_config(tmp_path):
+    pytest.importorskip("torch")
+    from tiny import save_torch
+
+    weights = write_hf_folder(tmp_path / "hf", "qwen3")
+    save_torch(weights, tmp_path / "weights.pt")
+    convert(tmp_path / "weights.pt", tmp_path / "out", config_path=tmp_path / "hf" / "config.json")
+    assert max_logit_diff(tmp_path / "out", tmp_path / "hf") <= 1e-4
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    """A reduce that calls os.system is refused by name and never runs."""
+    import pickle
+
+    marker = tmp_path / "MARKER"
+
+    class Exploit:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    write_hf_folder(tmp_path / "hf", "llama")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    (tmp_path / "hf" / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Exploit()}))
+    with pytest.raises(ConversionError, match="system"):
+        convert(tmp_path / "hf", tmp_path / "out")
+    assert not marker.exists()
+    assert leftovers(tmp_path) == []

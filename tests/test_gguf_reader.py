@@ -625,16 +625,7 @@ def test_sentencepiece_tokenizer(tmp_path, arch):
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    path = Path(
-        os.environ.get(
-            "IFP_TEST_SMOLLM2_GGUF", "/work/dl/SmolLM2-135M-Instruct.Q4_1.gguf"
-        )
-    )
-    if not path.is_file():
-        pytest.skip(f"SmolLM2 GGUF not found at {path}")
-    return path
+# smollm2_gguf: the session fixture in conftest.py (fetched from PyPI once, cached).
 
 
 @pytest.fixture(scope="session")

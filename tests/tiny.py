@@ -108,5 +108,13 @@ def write_hf_folder(folder: Path, family: str, fmt: str = "safetensors", seed: i
     if fmt == "safetensors":
         save_file(weights, str(folder / "model.safetensors"))
     else:
-        raise ValueError(fmt)
+        save_torch(weights, folder / "pytorch_model.bin", legacy=fmt == "pytorch-legacy")
     return weights
+
+
+def save_torch(weights: dict[str, np.ndarray], path: Path, legacy: bool = False) -> None:
+    """Write a state dict with real torch.save (zip format, or the pre-1.6 one)."""
+    import torch
+
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
+    torch.save(state, path, _use_new_zipfile_serialization=not legacy)

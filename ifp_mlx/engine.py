@@ -1,0 +1,170 @@
+"""The engine: select -> gather -> prefill -> decode, one mask per reply.
+
+It owns a loaded model, its FFN bank (resident), a selector and a small LRU
+cache of gathered submodels keyed by the selection, so a repeated selection
+(per-task mode, a static mask) is gathered once. The bank stays in memory and
+every submodel is a dense compact copy: no per-token weight reloading.
+"""
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import mlx.core as mx
+from mlx_lm.generate import stream_generate
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
+from .bank import Bank, CompactFFN
+from .gather import gather
+from .generate import GenerationConfig, GenerationStats
+from .load import LoadedModel
+from .selectors import DenseSelector, Selection, resolve_k
+
+PREFILL_STEP = 512
+
+
+@dataclass
+class SubmodelInfo:
+    k: int
+    total_channels: int
+    requested_k: Optional[int]
+    active_parameters: int
+    total_parameters: int
+    gathered: bool  # False when the submodel came from the cache (or is dense)
+    gathers: int = 0  # gathers this engine has done so far
+
+    def describe(self) -> str:
+        if self.k == self.total_channels:
+            return f"dense ({self.total_parameters / 1e6:.0f}M params)"
+        rounded = f" (asked {self.requested_k}, rounded up to a multiple of 8)" if self.requested_k not in (None, self.k) else ""
+        source = "gathered" if self.gathered else "cached submodel"
+        return (
+            f"k {self.k}/{self.total_channels} per layer{rounded}, "
+            f"{self.active_parameters / 1e6:.0f}M/{self.total_parameters / 1e6:.0f}M params active, "
+            f"{source}, gathers {self.gathers}"
+        )
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, selector=None, k: Optional[int] = None, cache_size: int = 4):
+        self.loaded = loaded
+        self.selector = selector or DenseSelector()
+        self.k = k if k is not None else loaded.d_ff
+        self.requested_k: Optional[int] = None
+        self.cache_size = cache_size
+        self.submodels: OrderedDict[bytes, CompactFFN] = OrderedDict()
+        self.gathers = 0
+        self.task_selection: Optional[Selection] = None
+        self._bank: Optional[Bank] = None
+        if not mx.metal.is_available():
+            # CPU's default 32 MiB buffer cache makes every new submodel page-fault.
+            mx.set_cache_limit(1 << 30)
+
+    @classmethod
+    def create(cls, loaded: LoadedModel, selector, keep: Optional[float] = None, k: Optional[int] = None) -> "Engine":
+        engine = cls(loaded, selector, resolve_k(loaded.d_ff, keep, k))
+        engine.requested_k = k if k is not None else (round(keep * loaded.d_ff) if keep is not None else None)
+        return engine
+
+    @property
+    def bank(self) -> Bank:
+        if self._bank is None:
+            self._bank = self.loaded.bank()
+            mx.eval(self._bank.weight, self._bank.scales, self._bank.biases)
+        return self._bank
+
+
+    def warm_up(self) -> None:
+        """Read what the first reply needs (bank and/or dense FFN) before timing it."""
+        if isinstance(self.selector, DenseSelector) or getattr(self.selector, "needs_dense", False):
+            self.loaded.dense_ffn()
+        if not isinstance(self.selector, DenseSelector):
+            self.bank
+
+
+    def submodel(self, selection: Selection) -> tuple[CompactFFN, bool]:
+        """The compact FFN of a selection, gathered or from the cache."""
+        if selection.indices is None:
+            return self.loaded.dense_ffn(), False
+        key = selection.key
+        if key in self.submodels:
+            self.submodels.move_to_end(key)
+            return self.submodels[key], False
+        ffn = gather(self.bank, selection.indices)
+        mx.eval(ffn.arrays())
+        self.gathers += 1
+        self.submodels[key] = ffn
+        while len(self.submodels) > self.cache_size:
+            self.submodels.popitem(last=False)
+        return ffn, True
+
+    def select(self, tokens: list[int]) -> Selection:
+        return self.selector.select(tokens, self.k)
+
+    def set_task(self, task_tokens: list[int]) -> Selection:
+        """Per-task mode: choose the mask once from the instruction, reuse it."""
+        selection = self.select(task_tokens)
+        self.task_selection = Selection(selection.indices)
+        return self.task_selection
+
+    def info(self, gathered: bool) -> SubmodelInfo:
+        total = self.loaded.ifp.get("parameters", 0)
+        d = self.loaded.ifp["bank"]["hidden_size"]
+        pruned = 3 * d * (self.loaded.d_ff - self.k) * self.loaded.num_layers
+        return SubmodelInfo(self.k, self.loaded.d_ff, self.requested_k, total - pruned, total, gathered, self.gathers)
+
+    def generate(self, tokens: list[int], config: GenerationConfig, stats: GenerationStats) -> Iterator[str]:
+        """Stream the reply to ``tokens``; ``stats`` gets the phase timings."""
+        if config.seed is not None:
+            mx.random.seed(config.seed)
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        selection = self.task_selection or self.select(tokens)
+        t_select = time.perf_counter()
+        ffn, gathered = self.submodel(selection)
+        self.loaded.assign(ffn)
+        t_gather = time.perf_counter()
+        cache, done = self._reusable_cache(selection, len(tokens))
+        self._prefill(tokens[done:-1], cache)
+        t_prefill = time.perf_counter()
+        stats.submodel = self.info(gathered)
+        stats.prompt_tokens = len(tokens)
+        response = None
+        sampler = make_sampler(config.temp, config.top_p)
+        for response in stream_generate(
+            self.loaded.model, self.loaded.tokenizer, mx.array(tokens[-1:]),
+            max_tokens=config.max_tokens, sampler=sampler, prompt_cache=cache,
+        ):
+            if stats.generation_tokens == 0:
+                now = time.perf_counter()
+                stats.time_to_first_token = now - start
+                stats.phases = {
+                    "select": t_select - start,
+                    "gather": t_gather - t_select,
+                    "prefill": t_prefill - t_gather,
+                    "first token": now - t_prefill,
+                }
+                model_time = now - t_gather + (t_select - start if selection.prompt_cache is not None else 0)
+                stats.prompt_tps = len(tokens) / model_time
+            stats.generation_tokens = response.generation_tokens
+            yield response.text
+        if response is not None:
+            stats.generation_tps = response.generation_tps
+            stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+            stats.finish_reason = response.finish_reason
+
+    def _reusable_cache(self, selection: Selection, num_tokens: int) -> tuple[list, int]:
+        """The selector's dense KV cache minus the last prompt token, if usable."""
+        cache = selection.prompt_cache
+        if cache is not None and selection.cached_tokens == num_tokens and num_tokens > 1:
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, 1)
+                return cache, num_tokens - 1
+        return make_prompt_cache(self.loaded.model), 0
+
+    def _prefill(self, tokens: list[int], cache: list) -> None:
+        for start in range(0, len(tokens), PREFILL_STEP):
+            self.loaded.model(mx.array(tokens[start : start + PREFILL_STEP])[None], cache=cache)
+            mx.eval([c.state for c in cache])

@@ -1,0 +1,69 @@
+"""The ifp command line as a user runs it: real subprocesses, real models."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny import write_hf_folder
+
+IFP = [sys.executable, "-m", "ifp_mlx.cli.main"]
+
+
+def ifp(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*IFP, *args], capture_output=True, text=True, input=stdin, env=os.environ.copy())
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert pattern in lines[0]
+
+
+def test_help_lists_commands_with_examples():
+    result = ifp("--help")
+    assert result.returncode == 0
+    for command in ("convert", "pull", "list", "generate", "bench"):
+        assert command in result.stdout
+        sub = ifp(command, "--help")
+        assert sub.returncode == 0 and "Example: ifp " + command in " ".join(sub.stdout.split())
+
+
+def test_generate_streams_answer_and_stats(smollm2_dir):
+    result = ifp("generate", "What is the capital of France?", "--model", str(smollm2_dir), "-n", "24")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "tok/s" in result.stderr and "ttft" in result.stderr and "peak" in result.stderr
+
+
+def test_generate_reads_stdin_and_seeded_sampling_repeats(smollm2_dir):
+    args = ("generate", "-", "--model", str(smollm2_dir), "-n", "8", "--temp", "0.8", "--seed", "3", "--no-chat-template")
+    first, second = ifp(*args, stdin="Once upon a time"), ifp(*args, stdin="Once upon a time")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.strip()
+
+
+def test_generate_bad_input(smollm2_dir, tmp_path):
+    assert_one_line_error(ifp("generate", "hi", "--model", str(smollm2_dir), "-n", "0"), "--max-tokens")
+    assert_one_line_error(ifp("generate", "hi", "--model", str(tmp_path / "nope")), "no such model folder")
+    assert_one_line_error(ifp("generate", "hi", "--model", str(tmp_path)), "not a model folder")
+
+
+def test_convert_cli_and_errors(tmp_path):
+    write_hf_folder(tmp_path / "hf", "llama")
+    result = ifp("convert", str(tmp_path / "hf"), str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "parameters" in result.stderr and (tmp_path / "out" / "ffn_bank.safetensors").exists()
+    assert_one_line_error(ifp("convert", str(tmp_path / "hf"), str(tmp_path / "out")), "already exists")
+    assert_one_line_error(ifp("convert", str(tmp_path / "hf"), str(tmp_path / "o2"), "--dtype", "int4"), "unknown dtype")
+    assert_one_line_error(ifp("convert", str(tmp_path / "missing"), str(tmp_path / "o3")), "no such file")
+
+
+def test_list_and_pull_errors(smollm2_dir):
+    result = ifp("list", "--available")
+    assert result.returncode == 0 and "smollm2-135m" in result.stdout
+    assert_one_line_error(ifp("pull", "gpt-5"), "unknown model 'gpt-5'")
