@@ -5,7 +5,6 @@ contenders over several rounds and reports the median of each.
 """
 
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 

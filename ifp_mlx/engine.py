@@ -57,7 +57,6 @@ class Engine:
         self.submodels: OrderedDict[bytes, CompactFFN] = OrderedDict()
         self.gathers = 0
         self.task_selection: Optional[Selection] = None
-        self._bank: Optional[Bank] = None
         if not mx.metal.is_available():
             # CPU's default 32 MiB buffer cache makes every new submodel page-fault.
             mx.set_cache_limit(1 << 30)
@@ -70,10 +69,7 @@ class Engine:
 
     @property
     def bank(self) -> Bank:
-        if self._bank is None:
-            self._bank = self.loaded.bank()
-            mx.eval(self._bank.weight, self._bank.scales, self._bank.biases)
-        return self._bank
+        return self.loaded.bank()
 
 
     def warm_up(self) -> None:

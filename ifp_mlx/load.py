@@ -31,6 +31,7 @@ class LoadedModel:
     tokenizer: TokenizerWrapper
     mlps: list[CompactMLP]
     dense: Optional[CompactFFN] = None  # every channel, once built
+    resident_bank: Optional[Bank] = None  # the bank, once something gathers from it
 
     @property
     def ifp(self) -> dict:
@@ -45,6 +46,13 @@ class LoadedModel:
         return self.ifp["bank"]["d_ff"]
 
     def bank(self) -> Bank:
+        """The FFN bank, read once and kept in memory (gathers come from it)."""
+        if self.resident_bank is None:
+            self.resident_bank = self._read_bank()
+            mx.eval(self.resident_bank.weight, self.resident_bank.scales, self.resident_bank.biases)
+        return self.resident_bank
+
+    def _read_bank(self) -> Bank:
         """The FFN bank, lazily loaded (evaluating it reads the file)."""
         arrays = mx.load(str(self.path / self.ifp["bank"]["file"]))
         quant = self.ifp.get("quantization")
@@ -55,7 +63,8 @@ class LoadedModel:
     def dense_ffn(self) -> CompactFFN:
         """Every channel (built from the bank once, then kept)."""
         if self.dense is None:
-            self.dense = dense_ffn(self.bank())
+            # A dense-only session never needs the bank itself: read it transiently.
+            self.dense = dense_ffn(self.resident_bank or self._read_bank())
             mx.eval(self.dense.arrays())
         return self.dense
 

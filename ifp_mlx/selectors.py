@@ -117,10 +117,14 @@ class StaticSelector:
     def __init__(self, loaded: LoadedModel, mask_path: Optional[str] = None):
         self.loaded = loaded
         self.indices = load_mask(mask_path, loaded.config)[0] if mask_path else None
+        self.scores: Optional[mx.array] = None
 
     def select(self, tokens: list[int], k: int) -> Selection:
         if self.indices is None:
-            return Selection(top_k(weight_norm_scores(self.loaded), k))
+            if self.scores is None:
+                self.scores = weight_norm_scores(self.loaded)
+                mx.eval(self.scores)
+            return Selection(top_k(self.scores, k))
         if self.indices.shape[1] != k:
             raise IFPError(f"the mask keeps {self.indices.shape[1]} channels per layer, but k is {k}: drop --keep/--k")
         return Selection(self.indices)

@@ -13,9 +13,8 @@ import pytest
 CACHE = Path(__file__).parent / ".cache"
 os.environ.setdefault("IFP_HOME", str(CACHE / "ifp"))
 
-import mlx.core as mx  # noqa: E402  (after ifp_mlx's BLAS preload below)
-
-import ifp_mlx  # noqa: E402,F401
+import ifp_mlx  # noqa: E402,F401  (first: it preloads OpenBLAS before mlx.core)
+import mlx.core as mx  # noqa: E402
 
 mx.set_cache_limit(1 << 30)
 

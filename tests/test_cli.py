@@ -3,9 +3,7 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 
 from tiny import write_hf_folder
 

@@ -1,7 +1,6 @@
 """Converter: every input format and family gives the weights and logits of the source."""
 
 import json
-import shutil
 import struct
 from pathlib import Path
 

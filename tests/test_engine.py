@@ -1,5 +1,10 @@
 """Dynamic pruning: selectors, the compact submodel's exactness, per-task reuse, errors."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -70,13 +75,34 @@ def test_compact_equals_zeroed_dense_tiny(tiny_models, family, bank, k):
     assert diff.item() <= 1e-4
 
 
-def test_compact_equals_zeroed_dense_smollm2(smollm2):
-    tokens = mx.array([prompt_tokens(smollm2.tokenizer, "Explain photosynthesis in one sentence.")])
+def smollm2_float_exactness(model_dir: str) -> float:
+    loaded = load(model_dir, dense=False)
+    tokens = mx.array([prompt_tokens(loaded.tokenizer, "Explain photosynthesis in one sentence.")])
+    worst = 0.0
     for keep_k in (768, 512):
-        indices = random_indices(smollm2.num_layers, smollm2.d_ff, keep_k, seed=keep_k)
-        diff = mx.abs(compact_logits(smollm2, indices, tokens) - zeroed_reference_logits(smollm2, indices, tokens)).max()
-        assert diff.item() <= 1e-4
-    smollm2.assign(smollm2.dense)
+        indices = random_indices(loaded.num_layers, loaded.d_ff, keep_k, seed=keep_k)
+        diff = mx.abs(compact_logits(loaded, indices, tokens) - zeroed_reference_logits(loaded, indices, tokens)).max()
+        worst = max(worst, diff.item())
+    return worst
+
+
+def test_compact_equals_zeroed_dense_smollm2(smollm2_dir):
+    """fp32 SmolLM2: <= 1e-4 with MLX's own (in-order) BLAS.
+
+    OpenBLAS's blocked sgemm sums a width-k product and a zero-padded width-d_ff
+    product in different orders, which over 30 layers moves logits by ~6e-4;
+    that is float noise, not a wrong channel, so this check runs in a
+    subprocess without OpenBLAS, and the in-process one below bounds it.
+    """
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_engine; print(test_engine.smollm2_float_exactness({str(smollm2_dir)!r}))"
+    env = dict(os.environ, IFP_NO_OPENBLAS="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.strip().splitlines()[-1]) <= 1e-4
+
+
+def test_compact_close_to_zeroed_dense_smollm2_openblas(smollm2_dir):
+    assert smollm2_float_exactness(str(smollm2_dir)) <= 2e-3
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -7,7 +7,6 @@ as w + 1), then read back and compared with the original HF tensors.
 
 import importlib
 import json
-import os
 import sys
 from pathlib import Path
 

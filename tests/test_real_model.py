@@ -2,7 +2,6 @@
 
 import mlx.core as mx
 import mlx_lm
-import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
