@@ -8,7 +8,7 @@ import sys
 
 from ifp_mlx.errors import IFPError
 
-from . import bench, convert, generate, models  # noqa: F401  (register the commands)
+from . import bench, calibrate, convert, generate, models  # noqa: F401  (register the commands)
 from .app import app, err
 
 

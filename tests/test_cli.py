@@ -65,3 +65,42 @@ def test_list_and_pull_errors(smollm2_dir):
     result = ifp("list", "--available")
     assert result.returncode == 0 and "smollm2-135m" in result.stdout
     assert_one_line_error(ifp("pull", "gpt-5"), "unknown model 'gpt-5'")
+
+
+def test_generate_pruned_task_mode_gathers_once(smollm2_dir):
+    result = ifp(
+        "generate", "Capital of Spain?", "Capital of Italy?", "--model", str(smollm2_dir), "-n", "6",
+        "--keep", "0.5", "--selector", "activations", "--task", "Answer geography questions briefly.",
+    )
+    assert result.returncode == 0, result.stderr
+    stats = " ".join(result.stderr.split())
+    assert stats.count("k 768/1536 per layer") == 2
+    assert "gathered, gathers 1" in stats and "cached submodel, gathers 1" in stats
+    assert "select" in stats and "gather" in stats and "prefill" in stats and "first token" in stats
+
+
+def test_calibrate_then_static_mask(smollm2_dir, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    mask = tmp_path / "static.safetensors"
+    result = ifp("calibrate", str(smollm2_dir), str(text), "--keep", "0.33", "--out", str(mask))
+    assert result.returncode == 0, result.stderr
+    assert "k 512/1536" in result.stderr
+    result = ifp("generate", "Hello", "--model", str(smollm2_dir), "--selector", "static", "--mask", str(mask), "-n", "4")
+    assert result.returncode == 0, result.stderr
+    assert "k 512/1536 per layer" in " ".join(result.stderr.split())
+
+
+def test_pruning_bad_input(smollm2_dir, tmp_path):
+    model = ("--model", str(smollm2_dir), "-n", "2")
+    assert_one_line_error(ifp("generate", "hi", *model, "--keep", "0"), "--keep must be in (0, 1]")
+    assert_one_line_error(ifp("generate", "hi", *model, "--keep", "1.5"), "--keep must be in (0, 1]")
+    assert_one_line_error(ifp("generate", "hi", *model, "--k", "5000"), "--k must be in 1..1536")
+    assert_one_line_error(ifp("generate", "hi", *model, "--keep", "0.5", "--selector", "magic"), "unknown selector 'magic'")
+    write_hf_folder(tmp_path / "hf", "llama")
+    assert ifp("convert", str(tmp_path / "hf"), str(tmp_path / "tiny")).returncode == 0
+    mask = tmp_path / "tiny-mask.safetensors"
+    assert ifp("calibrate", str(tmp_path / "tiny"), "--k", "16", "--out", str(mask)).returncode == 0
+    assert_one_line_error(
+        ifp("generate", "hi", *model, "--selector", "static", "--mask", str(mask)), "made for another model"
+    )
