@@ -17,7 +17,6 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-
 app = typer.Typer(
     help="Instruction-Following Pruning on MLX: per-prompt FFN pruning for fast local generation.",
     no_args_is_help=True,

@@ -7,6 +7,7 @@ import typer
 
 from .app import app, byte_progress, err, progress_callback
 
+
 @app.command()
 def convert(
     src: Path = typer.Argument(..., help="HF folder, .safetensors/.bin/.pt/.pth state dict, or .gguf file"),

@@ -10,6 +10,7 @@ from ifp_mlx.errors import IFPError
 
 from .app import app, err, resolve
 
+
 @app.command()
 def generate(
     prompts: list[str] = typer.Argument(..., help="one or more prompts; - reads one from stdin"),
@@ -57,17 +58,24 @@ def generate(
 
 
 def build_engine(loaded, selector, keep, k, mask, predictor, seed):
-    """The engine for the selection options; no --keep/--k/--selector means dense."""
+    """The engine for the selection options; no --keep/--k/--selector/--mask means dense.
+
+    Without --keep/--k, a mask file keeps its own k, a predictor its own keep
+    ratio, and the other selectors keep half.
+    """
     from ifp_mlx.engine import Engine
     from ifp_mlx.selectors import make_selector
 
     if selector is None:
         selector = "dense" if keep is None and k is None and mask is None else ("static" if mask else "activations")
-    if selector != "dense" and keep is None and k is None and mask is None:
-        keep = 0.5
     if mask is not None and selector != "static":
         raise IFPError("--mask goes with --selector static")
     chosen = make_selector(selector, loaded, mask=mask, seed=seed or 0, predictor=predictor)
-    if selector == "static" and mask is not None and keep is None and k is None:
-        return Engine.create(loaded, chosen, k=chosen.indices.shape[1])
-    return Engine.create(loaded, chosen, keep=keep if selector != "dense" else None, k=k if selector != "dense" else None)
+    if selector == "dense":
+        return Engine.create(loaded, chosen)
+    if keep is None and k is None:
+        if getattr(chosen, "indices", None) is not None:
+            k = chosen.indices.shape[1]
+        else:
+            keep = getattr(chosen, "keep", 0.5)
+    return Engine.create(loaded, chosen, keep=keep, k=k)

@@ -8,7 +8,18 @@ import sys
 
 from ifp_mlx.errors import IFPError
 
-from . import bench, calibrate, convert, generate, models  # noqa: F401  (register the commands)
+from . import (  # noqa: F401  (each import registers its commands)
+    bench,
+    calibrate,
+    convert,
+    data,
+    evaluate,
+    generate,
+    masks,
+    models,
+    predictor,
+    train,
+)
 from .app import app, err
 
 

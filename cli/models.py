@@ -8,6 +8,7 @@ from rich.console import Console
 
 from .app import app, byte_progress, err, log, progress_callback
 
+
 @app.command()
 def pull(
     name: str = typer.Argument(..., help="a named model (see `ifp list --available`)"),

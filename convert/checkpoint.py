@@ -65,7 +65,7 @@ def _open_gguf(src: Path) -> Checkpoint:
 def _open_single_file(src: Path, config_path: Path) -> Checkpoint:
     config = _read_config(config_path)
     tensors, fmt = _read_weights_file(src)
-    return Checkpoint(tensors, config, fmt, _tokenizer_copier(config_path.parent))
+    return Checkpoint(tensors, config, fmt, tokenizer_copier(config_path.parent))
 
 
 def _open_folder(src: Path) -> Checkpoint:
@@ -76,14 +76,28 @@ def _open_folder(src: Path) -> Checkpoint:
     for path in files:
         part, fmt = _read_weights_file(path)
         tensors.update(part)
-    return Checkpoint(tensors, config, fmt, _tokenizer_copier(src))
+    return Checkpoint(tensors, config, fmt, tokenizer_copier(src))
+
+
+def normalize_config(config: dict) -> dict:
+    """Undo transformers 5's move of ``rope_theta`` into ``rope_parameters``.
+
+    mlx-lm reads ``rope_theta`` (and ``rope_scaling``) at the top level and
+    silently falls back to a default when it is missing.
+    """
+    rope = config.get("rope_parameters")
+    if "rope_theta" not in config and isinstance(rope, dict) and "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default":
+            config.setdefault("rope_scaling", rope)
+    return config
 
 
 def _read_config(path: Path) -> dict:
     if not path.is_file():
         raise ConversionError(f"{path}: config.json not found")
     try:
-        return json.loads(path.read_text())
+        return normalize_config(json.loads(path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})" if hasattr(e, "msg") else f"{path}: invalid JSON")
 
@@ -113,7 +127,7 @@ def _weight_files(folder: Path) -> list[Path]:
     raise ConversionError(f"{folder}: no weights found (*.safetensors or pytorch_model*.bin)")
 
 
-def _tokenizer_copier(folder: Path) -> Callable[[Path], None]:
+def tokenizer_copier(folder: Path) -> Callable[[Path], None]:
     def copy(out: Path) -> None:
         for name in TOKENIZER_FILES:
             if (folder / name).is_file():

@@ -13,9 +13,7 @@ leaves a half-written model behind.
 """
 
 import json
-import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import numpy as np
 from ifp_mlx import __version__
 from ifp_mlx.bank import channel_records
 from ifp_mlx.families import UnsupportedFamily, family_for
+from ifp_mlx.files import atomic_folder
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import ConversionError
@@ -78,21 +77,13 @@ def convert(
         raise ConversionError(f"{out} already exists (use --force to overwrite)")
     checkpoint = open_checkpoint(src, config_path)
     plan = _plan(checkpoint, options)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out, force=True) as tmp:
         tracker = _Progress(plan.total_bytes, progress)
         _write_weights(tmp / WEIGHTS_FILE, plan, options, tracker)
         _write_bank(tmp / BANK_FILE, plan, options, tracker)
         checkpoint.write_tokenizer(tmp)
         config = _output_config(checkpoint, plan, options, src)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     written = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     return ConvertSummary(out, plan.parameters, written, time.perf_counter() - start)
 
@@ -299,14 +290,3 @@ def _output_config(checkpoint: Checkpoint, plan: _Plan, options: ConvertOptions,
         "probe": plan.probe,
     }
     return config
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an old one is removed only after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

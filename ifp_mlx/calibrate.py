@@ -6,12 +6,13 @@ is far better than one from weight norms, which is no better than random).
 Without calibration text, weight norms are the fallback.
 """
 
-import json
+import itertools
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import mlx.core as mx
 
+from .data import read_records
 from .errors import IFPError
 from .load import LoadedModel
 from .selectors import ActivationScores, top_k, weight_norm_scores
@@ -20,32 +21,26 @@ CHUNK_TOKENS = 512
 
 
 def read_texts(paths: Iterable[Path]) -> list[str]:
-    """Plain text files as is; jsonl files by their text/prompt/response fields."""
-    texts = []
+    """Plain text files as is; jsonl files by their text/prompt/response fields.
+
+    Texts are interleaved across files (first of each, second of each, ...) so
+    a token budget samples every file, not just the first.
+    """
+    per_file = []
     for path in paths:
         if not path.is_file():
             raise IFPError(f"{path}: calibration file not found")
         if path.suffix == ".jsonl":
-            texts += _jsonl_texts(path)
+            per_file.append(_jsonl_texts(path))
         else:
-            texts.append(path.read_text(encoding="utf-8", errors="replace"))
-    return [t for t in texts if t.strip()]
+            per_file.append([path.read_text(encoding="utf-8", errors="replace")])
+    interleaved = [t for group in itertools.zip_longest(*per_file) for t in group if t is not None]
+    return [t for t in interleaved if t.strip()]
 
 
 def _jsonl_texts(path: Path) -> list[str]:
-    texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError:
-            raise IFPError(f"{path}:{number}: not valid JSON")
-        parts = [item.get(key) for key in ("text", "prompt", "response") if isinstance(item.get(key), str)]
-        if not parts:
-            raise IFPError(f"{path}:{number}: no text, prompt or response field")
-        texts.append("\n".join(parts))
-    return texts
+    """The text (prose) or prompt and response (pairs) of each record."""
+    return ["\n".join(r[key] for key in ("text", "prompt", "response") if key in r) for r in read_records(path)]
 
 
 def calibrate(

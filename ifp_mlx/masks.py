@@ -69,3 +69,16 @@ def load_mask(path: str | Path, config: dict) -> tuple[mx.array, dict]:
         raise IFPError(f"{path}: not an ifp mask file")
     check_fingerprint(fingerprint, config, f"mask {path.name}")
     return indices, json.loads(metadata.get("info", "{}"))
+
+
+def mask_overlap(a: mx.array, b: mx.array, d_ff: int) -> float:
+    """|A ∩ B| / k averaged over layers, for two selections ``[L, k]``.
+
+    Tracks mask collapse: overlaps near 1 across unrelated prompts mean the
+    predictor stopped depending on the prompt.
+    """
+    a, b = np.array(a).astype(np.int64), np.array(b).astype(np.int64)
+    hits = np.zeros((a.shape[0], d_ff), np.int32)
+    np.put_along_axis(hits, a, 1, axis=1)
+    shared = np.take_along_axis(hits, b, axis=1).sum(axis=1)
+    return float((shared / b.shape[1]).mean())

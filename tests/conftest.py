@@ -13,8 +13,11 @@ import pytest
 CACHE = Path(__file__).parent / ".cache"
 os.environ.setdefault("IFP_HOME", str(CACHE / "ifp"))
 
+# isort: off
 import ifp_mlx  # noqa: E402,F401  (first: it preloads OpenBLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
+
+# isort: on
 
 mx.set_cache_limit(1 << 30)
 
@@ -43,9 +46,8 @@ def smollm2_hf(smollm2_gguf) -> Path:
     out = CACHE / "smollm2-hf"
     if (out / "model.safetensors").exists():
         return out
-    from safetensors.numpy import save_file
-
     from ifp_mlx.convert.gguf_reader import read_gguf
+    from safetensors.numpy import save_file
 
     tmp = CACHE / "smollm2-hf.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -58,7 +60,16 @@ def smollm2_hf(smollm2_gguf) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2(smollm2_dir):
+def smollm2_loaded(smollm2_dir):
     from ifp_mlx.load import load
 
     return load(smollm2_dir)
+
+
+@pytest.fixture
+def smollm2(smollm2_loaded):
+    """The loaded SmolLM2, reset to its dense FFN for every test that uses it."""
+    smollm2_loaded.assign(smollm2_loaded.dense_ffn())
+    for mlp in smollm2_loaded.mlps:
+        mlp.channel_mask, mlp.observer = None, None
+    return smollm2_loaded

@@ -8,11 +8,11 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
-
 from ifp_mlx.convert import ConversionError, ConvertOptions, convert
-from ifp_mlx.load import load
+from safetensors.numpy import load_file, save_file
 from tiny import write_hf_folder
+
+from ifp_mlx.load import load
 
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma3_text"]
 TOKENS = mx.array([[1, 5, 7, 9, 11, 200, 3, 42]])

@@ -8,8 +8,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from ifp_mlx.convert import ConvertOptions, convert
+from tiny import write_hf_folder
+
 from ifp_mlx.engine import Engine
 from ifp_mlx.errors import IFPError
 from ifp_mlx.gather import dense_ffn, gather
@@ -17,7 +18,6 @@ from ifp_mlx.generate import GenerationConfig, GenerationStats, prompt_tokens
 from ifp_mlx.load import load
 from ifp_mlx.masks import load_mask, save_mask
 from ifp_mlx.selectors import ActivationScores, make_selector, resolve_k, top_k
-from tiny import write_hf_folder
 
 TOKENS = mx.array([[3, 17, 42, 99, 123, 7, 250, 11, 64]])
 

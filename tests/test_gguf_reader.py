@@ -13,7 +13,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from ifp_mlx.convert import gguf_reader
 from ifp_mlx.convert.errors import ConversionError
 from ifp_mlx.convert.gguf_reader import read_gguf

@@ -7,7 +7,6 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
-
 from ifp_mlx.convert.errors import ConversionError
 from ifp_mlx.convert.torch_reader import read_torch
 

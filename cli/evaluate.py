@@ -1,0 +1,54 @@
+"""`ifp eval`: response NLL per domain for each selector, and mask overlap."""
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .app import app, byte_progress, err, resolve
+
+
+@app.command("eval")
+def evaluate_command(
+    files: list[Path] = typer.Argument(..., help="held-out jsonl files (id, domain, prompt, response), e.g. from `ifp data build`"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="model folder or named model"),
+    keep: float = typer.Option(0.5, "--keep", help="fraction of FFN channels kept per layer"),
+    selectors: str = typer.Option("dense,static,activations,random", "--selectors", help="comma-separated selectors"),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="mask file for the static selector (else weight norms)"),
+    predictor: Optional[Path] = typer.Option(None, "--predictor", help="predictor folder for the predictor selector"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="examples per domain"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON"),
+) -> None:
+    """Mean response NLL per domain under each selector (lower is better), and mask overlap.
+
+    Example: ifp eval data/code.heldout.jsonl data/math.heldout.jsonl --keep 0.5 --selectors dense,static,predictor --mask static.safetensors
+    """
+    from ifp_mlx.engine import Engine
+    from ifp_mlx.evaluate import evaluate, overlap_by_domain, read_examples
+    from ifp_mlx.load import load
+    from ifp_mlx.selectors import make_selector
+
+    examples = read_examples(files, limit)
+    loaded = load(resolve(model), dense=False)
+    engines = {}
+    for name in [s.strip() for s in selectors.split(",") if s.strip()]:
+        selector = make_selector(name, loaded, mask=str(mask) if mask and name == "static" else None, predictor=predictor)
+        engines[name] = Engine.create(loaded, selector, keep=None if name == "dense" else keep)
+    with byte_progress("evaluating") as progress:
+        task = progress.add_task("evaluating", total=None)
+        results = evaluate(loaded, examples, engines, lambda d, t: progress.update(task, completed=d, total=t))
+    domains = sorted({e.domain for e in examples})
+    table = Table("selector", *domains, "within", "across", title=f"response NLL per token, keep {keep}")
+    report = {"keep": keep, "examples": len(examples), "selectors": {}}
+    for name, result in results.items():
+        within, across = overlap_by_domain(result.masks, loaded.d_ff) if result.masks else (float("nan"), float("nan"))
+        means = {d: result.mean_nll(d) for d in domains}
+        table.add_row(name, *(f"{means[d]:.3f}" for d in domains), f"{within:.3f}", f"{across:.3f}")
+        report["selectors"][name] = {"nll": means, "overlap_within": within, "overlap_across": across}
+    Console().print(table)
+    err.print("within/across: mean pairwise mask overlap inside a domain and between domains", highlight=False)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2))

@@ -1,0 +1,37 @@
+"""Atomic folder writes: a failure never leaves a half-written output behind."""
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import IFPError
+
+
+@contextmanager
+def atomic_folder(path: str | Path, force: bool = False) -> Iterator[Path]:
+    """A temporary folder renamed to ``path`` when the block succeeds, removed if not."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise IFPError(f"{path} already exists (use --force to overwrite)")
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_folder(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an old one is removed only after."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

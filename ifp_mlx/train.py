@@ -1,0 +1,363 @@
+"""Predictor training in MLX (IFPruning), cheap enough for a laptop.
+
+Stages, each a loss over (prompt, response) pairs whose prompt picks the mask:
+- ``distill``: a warm start that never back-propagates through the LLM. The
+  head learns to reproduce a target mask: the ``activations`` statistic of the
+  prompt (GRIFFIN) or the ``oracle`` statistic of the reference response's own
+  activations. Binary cross-entropy on every channel, positives re-weighted.
+- ``sft``: the paper's stage 2. The prompt's features give scores, SoftTopK
+  turns them into ``lambda * TopK(lambda)`` masks that multiply each layer's
+  FFN activations, and the loss is the masked model's next-token
+  cross-entropy on the response tokens only.
+- ``pretrain``: the paper's stage 1 on raw text: chunk i of a text chooses the
+  mask for the loss on chunk i+1 (the same code path, chunk i as the prompt).
+
+The LLM is frozen by default, and with a ``shared:N`` backbone so are the
+features: they are computed once, and a step costs one masked forward and
+backward of the LLM (sft/pretrain) or of the head alone (distill).
+``train_llm="lora"`` adds LoRA adapters to the attention of the layers after
+the backbone's N (so the features stay fixed), merged into a new model folder
+on export.
+"""
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .errors import IFPError
+from .files import atomic_folder
+from .generate import prompt_tokens
+from .load import LoadedModel
+from .masks import mask_overlap
+from .predictor import (
+    Predictor,
+    create_predictor,
+    load_predictor,
+    pad_batch,
+    save_predictor,
+)
+from .selectors import ActivationScores, resolve_k, top_k
+from .softtopk import topk_mask
+
+STAGES = ("distill", "sft", "pretrain")
+COLLAPSE_OVERLAP = 0.95
+# The fixed prompt set whose mask overlap is logged: different domains on purpose.
+DIVERSITY_PROMPTS = (
+    "Write a Python function that merges two sorted lists.",
+    "Implement binary search in JavaScript.",
+    "A train travels 60 km in 45 minutes. What is its speed in km/h?",
+    "Solve for x: 3x + 7 = 22.",
+    "Which organ of the human body produces insulin?",
+    "Who wrote the play Hamlet?",
+    "Write a short poem about autumn leaves.",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+)  # mean cross-prompt overlap above this: masks no longer depend on the prompt
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "distill"
+    keep: float = 0.5
+    backbone: str = "shared:4"
+    head_hidden: int = 128
+    activation: str = "none"
+    distill_target: str = "oracle"  # "oracle" | "activations"
+    steps: int = 200
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    temperature: float = 0.5
+    max_prompt_tokens: int = 256
+    max_response_tokens: int = 128
+    chunk_tokens: int = 128
+    train_llm: str = "none"  # "none" | "lora"
+    lora_rank: int = 8
+    log_every: int = 25
+    checkpoint_every: int = 50
+    seed: int = 0
+
+
+@dataclass
+class Pair:
+    prompt: list[int]
+    response: list[int]
+    domain: str
+
+
+def diversity_pairs(loaded: LoadedModel) -> list[Pair]:
+    return [Pair(prompt_tokens(loaded.tokenizer, p), [], "probe") for p in DIVERSITY_PROMPTS]
+
+
+def make_pairs(loaded: LoadedModel, records: list[dict], config: TrainConfig) -> list[Pair]:
+    """Token pairs: SFT records through the chat template; prose as chunk pairs."""
+    tokenizer, pairs = loaded.tokenizer, []
+    eos = tokenizer.eos_token_ids
+    for record in records:
+        if "text" in record:
+            ids = tokenizer.encode(record["text"], add_special_tokens=False)
+            n = config.chunk_tokens
+            chunks = [ids[i : i + n] for i in range(0, len(ids) - n + 1, n)]
+            pairs += [Pair(a, b, record.get("domain", "prose")) for a, b in zip(chunks, chunks[1:])]
+        else:
+            prompt = prompt_tokens(tokenizer, record["prompt"])[-config.max_prompt_tokens :]
+            response = tokenizer.encode(record["response"], add_special_tokens=False)
+            response = response[: config.max_response_tokens - 1] + [min(eos)] if eos else response
+            pairs.append(Pair(prompt, response[: config.max_response_tokens], record.get("domain", "")))
+    return pairs
+
+
+def prompt_features(predictor: Predictor, pairs: list[Pair], batch_size: int = 16) -> mx.array:
+    """The (frozen) backbone's features of every prompt, ``[N, d]``."""
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        tokens, mask = pad_batch([p.prompt for p in pairs[start : start + batch_size]])
+        feats = predictor.features(tokens, mask)
+        mx.eval(feats)
+        out.append(feats)
+    return mx.concatenate(out)
+
+
+def distill_targets(loaded: LoadedModel, pairs: list[Pair], k: int, target: str, log=None) -> np.ndarray:
+    """Top-k indicators ``[N, L, d_ff]`` (uint8) of the statistic each pair implies."""
+    if target not in ("oracle", "activations"):
+        raise IFPError(f"unknown distillation target {target!r}: use oracle or activations")
+    targets = np.zeros((len(pairs), loaded.num_layers, loaded.d_ff), np.uint8)
+    for i, pair in enumerate(pairs):
+        scores = ActivationScores(loaded)
+        if target == "oracle":
+            scores.run(pair.prompt + pair.response, skip=len(pair.prompt))
+        else:
+            scores.run(pair.prompt)
+        np.put_along_axis(targets[i], np.array(top_k(scores.sums, k)).astype(np.int64), 1, axis=1)
+        if log and (i + 1) % 50 == 0:
+            log(f"targets {i + 1}/{len(pairs)}")
+    return targets
+
+
+class Trainable(nn.Module):
+    """What the optimizer updates: the predictor head and, with LoRA, adapters."""
+
+    def __init__(self, predictor: Predictor, model: Optional[nn.Module] = None):
+        super().__init__()
+        self.predictor = predictor
+        self.llm = model  # frozen but for LoRA adapters; None when the LLM is not trained
+
+
+def distill_loss(trainable: Trainable, features: mx.array, targets: mx.array, k: int) -> mx.array:
+    """Class-balanced binary cross-entropy between scores and a target mask."""
+    logits = trainable.predictor.scores(features)
+    d_ff = logits.shape[-1]
+    weights = mx.where(targets > 0, (d_ff - k) / k, 1.0)
+    loss = nn.losses.binary_cross_entropy(logits, targets.astype(mx.float32), with_logits=True, reduction="none")
+    return (loss * weights).sum() / weights.sum()
+
+
+def masked_lm_loss(
+    trainable: Trainable, loaded: LoadedModel, features: mx.array, tokens: mx.array, loss_mask: mx.array,
+    k: int, temperature: float,
+) -> mx.array:
+    """Next-token cross-entropy of the masked LLM on the response tokens only."""
+    masks = topk_mask(trainable.predictor.scores(features), k, temperature)  # [B, L, d_ff]
+    for layer, mlp in enumerate(loaded.mlps):
+        mlp.channel_mask = masks[:, layer, None, :]
+    try:
+        logits = loaded.model(tokens[:, :-1])
+    finally:
+        for mlp in loaded.mlps:
+            mlp.channel_mask = None
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), tokens[:, 1:], reduction="none")
+    weights = loss_mask[:, 1:]
+    return (ce * weights).sum() / mx.maximum(weights.sum(), 1)
+
+
+def sequence_batch(pairs: list[Pair]) -> tuple[mx.array, mx.array]:
+    """Right-padded prompt+response tokens and a mask that is 1 on response tokens."""
+    width = max(len(p.prompt) + len(p.response) for p in pairs)
+    tokens = np.zeros((len(pairs), width), np.int32)
+    loss_mask = np.zeros((len(pairs), width), np.float32)
+    for row, pair in enumerate(pairs):
+        seq = pair.prompt + pair.response
+        tokens[row, : len(seq)] = seq
+        loss_mask[row, len(pair.prompt) : len(seq)] = 1.0
+    return mx.array(tokens), mx.array(loss_mask)
+
+
+def add_lora(loaded: LoadedModel, first_layer: int, rank: int) -> None:
+    """LoRA on the attention projections of layers ``first_layer..L-1``."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    loaded.model.freeze()
+    for layer in loaded.model.layers[first_layer:]:
+        attn = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(attn, name, LoRALinear.from_base(getattr(attn, name), r=rank, scale=2.0))
+
+
+def merge_lora(loaded: LoadedModel) -> None:
+    """Fuse every LoRA adapter back into a plain linear layer."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    for layer in loaded.model.layers:
+        attn = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            module = getattr(attn, name)
+            if isinstance(module, LoRALinear):
+                setattr(attn, name, module.fuse())
+
+
+class Trainer:
+    """Runs one stage: batches, steps, checkpoints, resume, diversity logging."""
+
+    def __init__(
+        self, loaded: LoadedModel, predictor: Predictor, pairs: list[Pair], config: TrainConfig, out: Path,
+        probe_pairs: Optional[list[Pair]] = None, log: Callable[[str], None] = print,
+    ):
+        if config.stage not in STAGES:
+            raise IFPError(f"unknown stage {config.stage!r}: use one of {', '.join(STAGES)}")
+        if not pairs:
+            raise IFPError("no training examples")
+        self.loaded, self.predictor, self.pairs, self.config, self.out, self.log = loaded, predictor, pairs, config, out, log
+        self.k = resolve_k(loaded.d_ff, config.keep)
+        self.step = 0
+        self.history: list[dict] = []
+        loaded.assign(loaded.dense_ffn())
+        self.features = prompt_features(predictor, pairs)
+        self.probe_features = prompt_features(predictor, probe_pairs) if probe_pairs else None
+        self.targets = None
+        if config.stage == "distill":
+            self.targets = distill_targets(loaded, pairs, self.k, config.distill_target, log)
+        shared = predictor.backbone.layers if predictor.backbone.shared else 0
+        if config.train_llm == "lora":
+            add_lora(loaded, shared or 0, config.lora_rank)
+        elif config.train_llm != "none":
+            raise IFPError(f"unknown --train-llm {config.train_llm!r}: use none or lora")
+        self.trainable = Trainable(predictor, loaded.model if config.train_llm == "lora" else None)
+        self.optimizer = optim.AdamW(learning_rate=config.learning_rate, weight_decay=config.weight_decay)
+        self.loss_and_grad = nn.value_and_grad(self.trainable, self._loss)
+
+    def _loss(self, rows: mx.array, tokens=None, loss_mask=None) -> mx.array:
+        features = self.features[rows]
+        if self.config.stage == "distill":
+            return distill_loss(self.trainable, features, mx.array(self.targets[np.array(rows)]), self.k)
+        return masked_lm_loss(self.trainable, self.loaded, features, tokens, loss_mask, self.k, self.config.temperature)
+
+    def batches(self) -> Iterator[np.ndarray]:
+        """Shuffled epochs, seeded by the step so a resumed run continues the same order."""
+        n, size = len(self.pairs), min(self.config.batch_size, len(self.pairs))
+        per_epoch = max(1, n // size)
+        while True:
+            epoch, offset = divmod(self.step, per_epoch)
+            order = np.random.default_rng(self.config.seed + epoch).permutation(n)
+            yield order[offset * size : (offset + 1) * size]
+
+    def train(self, progress: Optional[Callable[[int, int, float, float], None]] = None) -> list[dict]:
+        """Run until ``config.steps``; returns the logged history."""
+        batches = self.batches()
+        tokens_seen, start = 0, time.perf_counter()
+        while self.step < self.config.steps:
+            rows = next(batches)
+            args = {}
+            if self.config.stage != "distill":
+                args["tokens"], args["loss_mask"] = sequence_batch([self.pairs[i] for i in rows])
+                tokens_seen += int(args["loss_mask"].sum().item())
+            loss, grads = self.loss_and_grad(mx.array(rows), **args)
+            self.optimizer.update(self.trainable, grads)
+            mx.eval(self.trainable.parameters(), self.optimizer.state, loss)
+            self.step += 1
+            rate = tokens_seen / (time.perf_counter() - start)
+            if progress:
+                progress(self.step, self.config.steps, loss.item(), rate)
+            if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+                self._log(loss.item(), rate)
+            if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
+                self.save_checkpoint()
+        return self.history
+
+    def _log(self, loss: float, rate: float) -> None:
+        entry = {"step": self.step, "loss": round(loss, 5), "tokens_per_s": round(rate, 1)}
+        if self.probe_features is not None:
+            per_layer = mask_diversity(self.predictor, self.probe_features, self.k)
+            entry["overlap"] = round(float(per_layer.mean()), 4)
+            entry["overlap_per_layer"] = [round(float(v), 3) for v in per_layer]
+            if entry["overlap"] > COLLAPSE_OVERLAP:
+                self.log(f"warning: masks collapsed (mean overlap {entry['overlap']:.3f} across prompts)")
+        self.history.append(entry)
+        self.log(json.dumps({k: v for k, v in entry.items() if k != "overlap_per_layer"}))
+
+    # --- checkpoints -------------------------------------------------------
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoint"
+
+    def save_checkpoint(self) -> None:
+        """Parameters, optimizer state and step, written to a temp folder then renamed."""
+        tmp = self.out / ".checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        mx.save_safetensors(str(tmp / "trainable.safetensors"), dict(tree_flatten(self.trainable.trainable_parameters())))
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
+        state = {"step": self.step, "config": asdict(self.config), "history": self.history}
+        (tmp / "state.json").write_text(json.dumps(state))
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        tmp.rename(self.checkpoint_dir)
+
+    def resume(self) -> None:
+        """Continue from the checkpoint in ``out`` (same parameters, optimizer, step)."""
+        folder = self.checkpoint_dir
+        if not (folder / "state.json").is_file():
+            raise IFPError(f"{self.out}: no checkpoint to resume from")
+        state = json.loads((folder / "state.json").read_text())
+        if state["config"]["stage"] != self.config.stage:
+            raise IFPError(f"the checkpoint is for stage {state['config']['stage']}, not {self.config.stage}")
+        self.trainable.load_weights(list(mx.load(str(folder / "trainable.safetensors")).items()), strict=False)
+        self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+        self.step, self.history = state["step"], state["history"]
+        mx.eval(self.trainable.parameters(), self.optimizer.state)
+
+
+def mask_diversity(predictor: Predictor, features: mx.array, k: int) -> np.ndarray:
+    """Mean pairwise overlap of the predicted masks, per layer ``[L]``."""
+    picked = np.array(top_k(predictor.scores(features), k))  # [N, L, k]
+    n, layers = picked.shape[0], picked.shape[1]
+    per_layer = np.zeros(layers)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    for layer in range(layers):
+        per_layer[layer] = np.mean([mask_overlap(picked[i, layer : layer + 1], picked[j, layer : layer + 1], predictor.d_ff) for i, j in pairs])
+    return per_layer
+
+
+def start_predictor(loaded: LoadedModel, config: TrainConfig, init: Optional[Path] = None) -> Predictor:
+    """A new predictor, or an existing one to continue from (e.g. after distill)."""
+    if init is not None:
+        return load_predictor(init, loaded)[0]
+    mx.random.seed(config.seed)
+    return create_predictor(loaded, config.backbone, config.head_hidden, config.activation)
+
+
+def export(trainer: Trainer, path: Path, force: bool = False) -> Path:
+    """Write the predictor folder (and, with LoRA, the merged model beside it)."""
+    if trainer.config.train_llm == "lora":
+        merge_lora(trainer.loaded)
+        write_merged_model(trainer.loaded, path.parent / f"{path.name}-model", force)
+    return save_predictor(path, trainer.predictor, trainer.loaded.config, trainer.config.keep, force=force)
+
+
+def write_merged_model(loaded: LoadedModel, out: Path, force: bool) -> None:
+    """A copy of the model folder whose attention weights include the merged LoRA."""
+    with atomic_folder(out, force) as tmp:
+        for f in loaded.path.iterdir():
+            if f.is_file() and f.name != loaded.ifp["weights"]:
+                shutil.copy2(f, tmp / f.name)
+        weights = {k: v for k, v in tree_flatten(loaded.model.parameters()) if ".mlp." not in k}
+        mx.save_safetensors(str(tmp / loaded.ifp["weights"]), weights, metadata={"format": "mlx"})
+

@@ -1,0 +1,120 @@
+"""Predictor training: gradients, loss going down, resume, export, on tiny models."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from ifp_mlx.convert import ConvertOptions, convert
+from mlx.utils import tree_flatten
+from tiny import write_hf_folder
+
+from ifp_mlx.load import load
+from ifp_mlx.predictor import load_predictor
+from ifp_mlx.train import (
+    TrainConfig,
+    Trainer,
+    diversity_pairs,
+    export,
+    make_pairs,
+    start_predictor,
+)
+
+RECORDS = [
+    {"id": str(i), "domain": d, "prompt": p, "response": r}
+    for i, (d, p, r) in enumerate(
+        [
+            ("code", "write the function", "def f(x): return x"),
+            ("code", "the function please", "def g(y): return y + 1"),
+            ("math", "two plus two", "the answer is 4"),
+            ("math", "three times three", "the answer is 9"),
+            ("prose", "tell me the tale", "the the the theme"),
+            ("prose", "a story", "once there was the end"),
+        ]
+    )
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_hf_folder(root / "hf", "llama", intermediate_size=64, num_hidden_layers=3)
+    convert(root / "hf", root / "model", ConvertOptions(dtype="float32"))
+    return root / "model"
+
+
+def make_trainer(model_dir, out, **overrides) -> Trainer:
+    loaded = load(model_dir, dense=False)
+    config = TrainConfig(backbone="shared:1", head_hidden=16, batch_size=3, log_every=2, checkpoint_every=2, **overrides)
+    predictor = start_predictor(loaded, config)
+    pairs = make_pairs(loaded, RECORDS, config)
+    return Trainer(loaded, predictor, pairs, config, out, diversity_pairs(loaded), log=lambda m: None)
+
+
+def full_loss(trainer: Trainer) -> float:
+    rows = mx.arange(len(trainer.pairs))
+    if trainer.config.stage == "distill":
+        return trainer._loss(rows).item()
+    from ifp_mlx.train import sequence_batch
+
+    tokens, mask = sequence_batch(trainer.pairs)
+    return trainer._loss(rows, tokens=tokens, loss_mask=mask).item()
+
+
+def test_gradients_reach_the_predictor(tiny, tmp_path):
+    trainer = make_trainer(tiny, tmp_path, stage="sft")
+    from ifp_mlx.train import sequence_batch
+
+    tokens, mask = sequence_batch(trainer.pairs[:3])
+    loss, grads = trainer.loss_and_grad(mx.arange(3), tokens=tokens, loss_mask=mask)
+    flat = dict(tree_flatten(grads))
+    assert {"predictor.proj.weight", "predictor.out.weight"} <= set(flat)
+    assert float(mx.abs(flat["predictor.out.weight"]).sum()) > 0
+    assert float(mx.abs(flat["predictor.proj.weight"]).sum()) > 0
+    assert all(np.isfinite(np.array(g)).all() for g in flat.values())
+
+
+@pytest.mark.parametrize("stage,lr", [("sft", 3e-2), ("distill", 3e-3)])
+def test_a_few_steps_lower_the_loss(tiny, tmp_path, stage, lr):
+    trainer = make_trainer(tiny, tmp_path, stage=stage, steps=12, learning_rate=lr)
+    before = full_loss(trainer)
+    trainer.train()
+    assert full_loss(trainer) < before
+    assert [h["step"] for h in trainer.history] == [2, 4, 6, 8, 10, 12]
+    assert 0 <= trainer.history[-1]["overlap"] <= 1 and len(trainer.history[-1]["overlap_per_layer"]) == 3
+
+
+def test_resume_continues_from_the_same_state(tiny, tmp_path):
+    straight = make_trainer(tiny, tmp_path / "a", stage="sft", steps=4)
+    straight.train()
+    first = make_trainer(tiny, tmp_path / "b", stage="sft", steps=2)
+    first.train()
+    resumed = make_trainer(tiny, tmp_path / "b", stage="sft", steps=4)
+    resumed.resume()
+    assert resumed.step == 2
+    resumed.train()
+    a = dict(tree_flatten(straight.trainable.trainable_parameters()))
+    b = dict(tree_flatten(resumed.trainable.trainable_parameters()))
+    for name in a:
+        np.testing.assert_allclose(np.array(a[name]), np.array(b[name]), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_export_loads_as_a_predictor(tiny, tmp_path):
+    trainer = make_trainer(tiny, tmp_path / "work", stage="distill", steps=2)
+    trainer.train()
+    path = export(trainer, tmp_path / "pred")
+    predictor, config = load_predictor(path, trainer.loaded)
+    assert config["backbone"] == "shared:1" and config["keep"] == 0.5
+    features = trainer.features[:2]
+    np.testing.assert_allclose(np.array(predictor.scores(features)), np.array(trainer.predictor.scores(features)), atol=1e-6)
+
+
+def test_lora_trains_adapters_and_merges(tiny, tmp_path):
+    trainer = make_trainer(tiny, tmp_path / "work", stage="sft", steps=2, train_llm="lora", learning_rate=1e-2)
+    names = {n for n, _ in tree_flatten(trainer.trainable.trainable_parameters())}
+    assert any("lora_a" in n for n in names) and not any(".mlp." in n for n in names)
+    assert not any("layers.0." in n for n in names)  # the shared backbone's layer stays frozen
+    trainer.train()
+    export(trainer, tmp_path / "pred")
+    merged = load(tmp_path / "pred-model")
+    tokens = mx.array([[3, 5, 7, 9]])
+    trainer.loaded.assign(trainer.loaded.dense_ffn())
+    np.testing.assert_allclose(np.array(merged.model(tokens)), np.array(trainer.loaded.model(tokens)), atol=1e-4)
