@@ -64,7 +64,7 @@ def build_engine(loaded, selector, keep, k, mask, predictor, seed):
     ratio, and the other selectors keep half.
     """
     from ifp_mlx.engine import Engine
-    from ifp_mlx.selectors import make_selector
+    from ifp_mlx.selectors import default_size, make_selector
 
     if selector is None:
         selector = "dense" if keep is None and k is None and mask is None else ("static" if mask else "activations")
@@ -73,9 +73,5 @@ def build_engine(loaded, selector, keep, k, mask, predictor, seed):
     chosen = make_selector(selector, loaded, mask=mask, seed=seed or 0, predictor=predictor)
     if selector == "dense":
         return Engine.create(loaded, chosen)
-    if keep is None and k is None:
-        if getattr(chosen, "indices", None) is not None:
-            k = chosen.indices.shape[1]
-        else:
-            keep = getattr(chosen, "keep", 0.5)
+    keep, k = default_size(chosen, keep, k)
     return Engine.create(loaded, chosen, keep=keep, k=k)

@@ -38,26 +38,21 @@ def masks(
     from ifp_mlx.generate import prompt_tokens
     from ifp_mlx.load import load
     from ifp_mlx.masks import mask_overlap, save_mask
-    from ifp_mlx.predictor import DEFAULT_FOLDER
-    from ifp_mlx.selectors import make_selector, resolve_k
+    from ifp_mlx.predictor import has_predictor
+    from ifp_mlx.selectors import default_size, make_selector, resolve_k
 
     named = ([("task", task)] if task is not None else []) + [(str(i + 1), p) for i, p in enumerate(prompts or [])]
     if not named:
         raise IFPError("give at least one PROMPT (or --task)")
     loaded = load(resolve(model), dense=False)
     if selector is None:
-        selector = "static" if mask else "predictor" if predictor or (loaded.path / DEFAULT_FOLDER).is_dir() else "activations"
+        selector = "static" if mask else "predictor" if predictor or has_predictor(loaded) else "activations"
     if selector == "dense":
         raise IFPError("--selector dense keeps every channel: choose a pruning selector")
     if mask is not None and selector != "static":
         raise IFPError("--mask goes with --selector static")
     chosen = make_selector(selector, loaded, mask=mask, seed=seed or 0, predictor=predictor)
-    if keep is None and k is None:
-        if getattr(chosen, "indices", None) is not None:
-            k = chosen.indices.shape[1]
-        else:
-            keep = getattr(chosen, "keep", 0.5)
-    k_value = resolve_k(loaded.d_ff, keep, k)
+    k_value = resolve_k(loaded.d_ff, *default_size(chosen, keep, k))
     selections = []
     for name, text in named:
         tokens = prompt_tokens(loaded.tokenizer, text, system, chat_template=not no_chat_template)

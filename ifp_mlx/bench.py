@@ -1,64 +1,116 @@
-"""Benchmarks whose figures go into docs/: ratios measured inside one run.
+"""Benchmarks whose figures go into docs/BENCHMARKS.md: ratios measured inside one run.
 
-Absolute CPU timings are noisy, so every comparison alternates the two
-contenders over several rounds and reports the median of each.
+Absolute CPU timings are noisy (and other work shares the machine), so every
+comparison alternates its contenders over several rounds and reports the
+median of each; the figures that matter are ratios between contenders.
+
+Two benchmarks:
+
+- ``dense_vs_mlx_lm``: ifp's dense generation against mlx-lm's
+  ``stream_generate`` on the same weights (issue 2).
+- ``compact_benchmark``: on a random-weight llama, the compact submodel's decode
+  speed against a dense model whose FFN width is k, and the share of the time
+  to first token that the gather takes (issue 3). Random weights are fine for
+  speed, and they keep the benchmark self-contained: no download.
 """
 
+import json
 import statistics
-from dataclasses import dataclass
-from typing import Callable
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional, Sequence, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import stream_generate
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import _get_classes
 
 from .engine import Engine
 from .generate import GenerationConfig, GenerationStats
 from .load import LoadedModel, load
+from .selectors import make_selector, resolve_k
+
+T = TypeVar("T")
 
 
-@dataclass
-class Timing:
-    name: str
-    prompt_tps: list
-    generation_tps: list
-
-    def median(self) -> tuple[float, float]:
-        return statistics.median(self.prompt_tps), statistics.median(self.generation_tps)
+# --- measuring ----------------------------------------------------------------
 
 
-def _run_ifp(loaded: LoadedModel, tokens: list[int], max_tokens: int) -> tuple[float, float]:
-    stats = GenerationStats()
-    for _ in Engine(loaded).generate(tokens, GenerationConfig(max_tokens=max_tokens), stats):
-        pass
-    return stats.prompt_tps, stats.generation_tps
+def alternate(contenders: dict[str, Callable[[], T]], rounds: int) -> dict[str, list[T]]:
+    """Run each contender once per round, after one warm-up each.
 
-
-def _run_stream(model: nn.Module, loaded: LoadedModel, tokens: list[int], max_tokens: int) -> tuple[float, float]:
-    response = None
-    for response in stream_generate(model, loaded.tokenizer, mx.array(tokens), max_tokens=max_tokens):
-        pass
-    return response.prompt_tps, response.generation_tps
-
-
-def alternate(contenders: dict[str, Callable[[], tuple[float, float]]], rounds: int) -> list[Timing]:
-    """Run each contender once per round, in turn, after one warm-up each."""
-    timings = {name: Timing(name, [], []) for name in contenders}
+    Interleaving spreads slow spells of a shared machine over every contender
+    instead of over whichever happened to run then; every other round runs in
+    reverse order, so no contender always follows the same one.
+    """
+    results: dict[str, list[T]] = {name: [] for name in contenders}
     for run in contenders.values():
         run()
-    for _ in range(rounds):
-        for name, run in contenders.items():
-            p, g = run()
-            timings[name].prompt_tps.append(p)
-            timings[name].generation_tps.append(g)
-    return list(timings.values())
+    for r in range(rounds):
+        names = list(contenders) if r % 2 == 0 else list(reversed(contenders))
+        for name in names:
+            results[name].append(contenders[name]())
+    return results
+
+
+def median(runs: Sequence[GenerationStats], metric: Callable[[GenerationStats], float]) -> float:
+    return statistics.median(metric(s) for s in runs)
+
+
+def per_round(
+    runs: Sequence[GenerationStats], baseline: Sequence[GenerationStats], metric: Callable[[GenerationStats], float]
+) -> list[float]:
+    """Ratio of two contenders in each round: its spread shows how noisy the run was."""
+    return [round(metric(a) / metric(b), 3) for a, b in zip(runs, baseline)]
+
+
+def prompt_tps(stats: GenerationStats) -> float:
+    return stats.prompt_tps
+
+
+def generation_tps(stats: GenerationStats) -> float:
+    return stats.generation_tps
+
+
+def phase(name: str) -> Callable[[GenerationStats], float]:
+    """Seconds spent in one phase before the first token (see Engine.generate)."""
+    return lambda stats: stats.phases[name]
+
+
+def gather_share(stats: GenerationStats) -> float:
+    """The gather's part of the time to first token."""
+    return stats.phases["gather"] / stats.time_to_first_token
+
+
+def run_engine(engine: Engine, tokens: list[int], max_tokens: int) -> GenerationStats:
+    """One greedy reply through ifp's engine; its statistics."""
+    stats = GenerationStats()
+    for _ in engine.generate(tokens, GenerationConfig(max_tokens=max_tokens), stats):
+        pass
+    return stats
+
+
+def run_stream(model: nn.Module, tokenizer: TokenizerWrapper, tokens: list[int], max_tokens: int) -> GenerationStats:
+    """One greedy reply through mlx-lm's own ``stream_generate``."""
+    response = None
+    for response in stream_generate(model, tokenizer, mx.array(tokens), max_tokens=max_tokens):
+        pass
+    return GenerationStats(
+        prompt_tokens=len(tokens),
+        prompt_tps=response.prompt_tps,
+        generation_tokens=response.generation_tokens,
+        generation_tps=response.generation_tps,
+    )
+
+
+# --- issue 2: dense ifp against mlx-lm -----------------------------------------
 
 
 def mlx_lm_reference(loaded: LoadedModel) -> nn.Module:
     """The same weights in mlx-lm's own model with its own MLP modules."""
-    from mlx_lm.utils import _get_classes
-
     model_class, args_class = _get_classes(loaded.config)
     reference = model_class(args_class.from_dict(loaded.config))
     if loaded.config.get("quantization"):
@@ -82,18 +134,21 @@ def dense_vs_mlx_lm(model_dir: str, tokens: list[int], max_tokens: int = 64, rou
     """ifp's dense generation against mlx-lm's stream_generate on the same weights."""
     loaded = load(model_dir)
     reference = mlx_lm_reference(loaded)
-    results = alternate(
+    engine = Engine(loaded)
+    runs = alternate(
         {
-            "ifp": lambda: _run_ifp(loaded, tokens, max_tokens),
-            "mlx-lm": lambda: _run_stream(reference, loaded, tokens, max_tokens),
+            "ifp": lambda: run_engine(engine, tokens, max_tokens),
+            "mlx-lm": lambda: run_stream(reference, loaded.tokenizer, tokens, max_tokens),
         },
         rounds,
     )
-    (ifp_p, ifp_g), (ref_p, ref_g) = (t.median() for t in results)
+    ifp_p, ifp_g = median(runs["ifp"], prompt_tps), median(runs["ifp"], generation_tps)
+    ref_p, ref_g = median(runs["mlx-lm"], prompt_tps), median(runs["mlx-lm"], generation_tps)
     return {
         "ifp_prompt_tps": ifp_p, "ifp_generation_tps": ifp_g,
         "mlx_lm_prompt_tps": ref_p, "mlx_lm_generation_tps": ref_g,
         "prompt_ratio": ifp_p / ref_p, "generation_ratio": ifp_g / ref_g,
+        "generation_ratio_per_round": per_round(runs["ifp"], runs["mlx-lm"], generation_tps),
     }
 
 
@@ -107,3 +162,195 @@ def synthetic_prompt(tokenizer, length: int) -> list[int]:
     """A prompt of exactly ``length`` tokens of ordinary English."""
     ids = tokenizer.encode(FILLER * (length // 20 + 2), add_special_tokens=False)
     return ids[:length]
+
+
+# --- random-weight models -------------------------------------------------------
+
+
+def random_llama_config(hidden: int, d_ff: int, layers: int, vocab: int = 2048) -> dict:
+    """A llama config of the given shapes (head_dim 64, 4 query heads per KV head).
+
+    No ``eos_token_id``, and the tokenizer has none either: random weights
+    would otherwise stop a timed reply at an arbitrary length.
+    """
+    heads = max(1, hidden // 64)
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "intermediate_size": d_ff,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 4),
+        "head_dim": hidden // heads,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": vocab,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+    }
+
+
+def write_byte_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer with exactly ``vocab_size`` tokens.
+
+    256 byte tokens plus generated two-byte merges, so every id a random model
+    can emit decodes through mlx-lm's fast BPE streaming detokenizer.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    if vocab_size < 256:
+        raise ValueError(f"a byte-level tokenizer needs vocab_size >= 256, got {vocab_size}")
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    merges = [(alphabet[i // 256], alphabet[i % 256]) for i in range(vocab_size - 256)]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
+def random_weights(config: dict, seed: int = 0) -> dict[str, mx.array]:
+    """mlx-lm's own random initialisation of the model, under Hugging Face names."""
+    mx.random.seed(seed)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    return dict(tree_flatten(model.parameters()))
+
+
+def build_random_model(out: Path, config: dict, seed: int = 0) -> Path:
+    """Write a random-weight HF folder and convert it (float32) into ``out``.
+
+    Going through the real converter means the benchmark measures exactly
+    the folders users get.
+    """
+    from .convert import ConvertOptions, convert
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        source = Path(tmp)
+        (source / "config.json").write_text(json.dumps(config))
+        write_byte_tokenizer(source, config["vocab_size"])
+        mx.save_safetensors(str(source / "model.safetensors"), random_weights(config, seed))
+        convert(source, out, ConvertOptions(dtype="float32", force=True))
+    return out
+
+
+def random_tokens(n: int, vocab: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+# --- issue 3: the compact submodel ---------------------------------------------
+
+
+def compact_vs_dense(
+    loaded: LoadedModel, dense_k: LoadedModel, keep: float, tokens: list[int], max_tokens: int, rounds: int
+) -> dict:
+    """Decode with the gathered submodel against a dense model of FFN width k.
+
+    The dense contender runs twice: through ifp's engine (the same module,
+    so only the gathered arrays differ) and through mlx-lm's own MLP and
+    ``stream_generate`` (what a user would otherwise run).
+    """
+    engine = Engine.create(loaded, make_selector("random", loaded), keep=keep)
+    if dense_k.d_ff != engine.k:
+        raise ValueError(f"the dense model's FFN width is {dense_k.d_ff}, the submodel's k is {engine.k}")
+    dense_engine = Engine(dense_k)
+    reference = mlx_lm_reference(dense_k)
+    runs = alternate(
+        {
+            "compact": lambda: run_engine(engine, tokens, max_tokens),
+            "dense_k_ifp": lambda: run_engine(dense_engine, tokens, max_tokens),
+            "dense_k_mlx_lm": lambda: run_stream(reference, dense_k.tokenizer, tokens, max_tokens),
+        },
+        rounds,
+    )
+    tps = {name: median(r, generation_tps) for name, r in runs.items()}
+    return {
+        "keep": keep,
+        "k": engine.k,
+        "generation_tps": tps,
+        "ratio_vs_dense_k_ifp": tps["compact"] / tps["dense_k_ifp"],
+        "ratio_vs_dense_k_mlx_lm": tps["compact"] / tps["dense_k_mlx_lm"],
+        "per_round_vs_dense_k_ifp": per_round(runs["compact"], runs["dense_k_ifp"], generation_tps),
+        "per_round_vs_dense_k_mlx_lm": per_round(runs["compact"], runs["dense_k_mlx_lm"], generation_tps),
+    }
+
+
+def fresh_gathers(engine: Engine, tokens: list[int]) -> Callable[[], GenerationStats]:
+    """A run that always gathers: the submodel cache is emptied first."""
+
+    def run() -> GenerationStats:
+        engine.submodels.clear()
+        return run_engine(engine, tokens, max_tokens=1)
+
+    return run
+
+
+def gather_shares(
+    loaded: LoadedModel, keep: float, tokens: list[int], rounds: int, selectors: Sequence[str] = ("activations", "random")
+) -> dict:
+    """Median share of the time to first token spent gathering, per selector."""
+    engines = {name: Engine.create(loaded, make_selector(name, loaded), keep=keep) for name in selectors}
+    for engine in engines.values():
+        engine.warm_up()
+    runs = alternate({name: fresh_gathers(e, tokens) for name, e in engines.items()}, rounds)
+    return {
+        name: {
+            "gather_share": median(r, gather_share),
+            "gather_ms": 1000 * median(r, phase("gather")),
+            "time_to_first_token_ms": 1000 * median(r, lambda s: s.time_to_first_token),
+            "phases_ms": {p: 1000 * median(r, phase(p)) for p in r[0].phases},
+            "gathers": engines[name].gathers,
+        }
+        for name, r in runs.items()
+    }
+
+
+def compact_benchmark(
+    hidden: int = 1024,
+    d_ff: int = 4096,
+    layers: int = 8,
+    keeps: Sequence[float] = (0.5, 0.33),
+    prompt_tokens: int = 512,
+    decode_prompt_tokens: int = 32,
+    max_tokens: int = 64,
+    rounds: int = 5,
+    vocab: int = 2048,
+    workdir: Optional[Path] = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> dict:
+    """Issue 3's figures on random-weight llama models converted by ifp.
+
+    Per keep: decode tok/s of the compact submodel over a dense model of FFN
+    width k (all other shapes equal), and the gather's share of the time to
+    first token for a ``prompt_tokens`` prompt.
+    """
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        log(f"building a random llama: hidden {hidden}, d_ff {d_ff}, {layers} layers")
+        loaded = load(build_random_model(Path(tmp) / "full", random_llama_config(hidden, d_ff, layers, vocab)))
+        decode_prompt = random_tokens(decode_prompt_tokens, vocab, seed=1)
+        long_prompt = random_tokens(prompt_tokens, vocab, seed=2)
+        results = []
+        for keep in keeps:
+            k = resolve_k(d_ff, keep)
+            log(f"keep {keep}: building the dense model of FFN width {k}")
+            dense_dir = build_random_model(Path(tmp) / f"dense-{k}", random_llama_config(hidden, k, layers, vocab))
+            dense_k = load(dense_dir)
+            log(f"keep {keep}: decode, {rounds} rounds")
+            decode = compact_vs_dense(loaded, dense_k, keep, decode_prompt, max_tokens, rounds)
+            del dense_k
+            log(f"keep {keep}: gather share, {rounds} rounds")
+            results.append({**decode, "gather": gather_shares(loaded, keep, long_prompt, rounds)})
+    return {
+        "model": {"hidden_size": hidden, "d_ff": d_ff, "layers": layers, "vocab_size": vocab},
+        "decode_prompt_tokens": decode_prompt_tokens,
+        "max_tokens": max_tokens,
+        "gather_prompt_tokens": prompt_tokens,
+        "rounds": rounds,
+        "keeps": results,
+    }

@@ -48,6 +48,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "predictor.safetensors"
 BACKBONE_FOLDER = "backbone"
 DEFAULT_FOLDER = "predictor"  # a model folder's default predictor
+SHIPPED_FOLDER = "predictors"  # predictors shipped in the package, one folder per model
 HEAD_HIDDEN = 128
 DEFAULT_KEEP = 0.5
 LAYER_NORM_EPS = 1e-5  # torch.nn.functional.layer_norm's default
@@ -295,9 +296,11 @@ class PredictorSelector:
 
     @classmethod
     def for_model(cls, loaded: LoadedModel, path: Optional[str | Path] = None) -> "PredictorSelector":
-        """The predictor at ``path``, or the model folder's default ``predictor/``."""
+        """The predictor at ``path``, the model folder's ``predictor/``, or one shipped for it."""
         if path is None:
             path = loaded.path / DEFAULT_FOLDER
+            if not path.is_dir():
+                path = shipped_predictor(loaded.config) or path
             if not path.is_dir():
                 raise IFPError(
                     f"{loaded.path} has no default predictor ({DEFAULT_FOLDER}/): pass --predictor DIR "
@@ -315,6 +318,23 @@ class PredictorSelector:
         indices = top_k(self.scores(tokens), k)
         mx.eval(indices)
         return Selection(indices)
+
+
+def has_predictor(loaded: LoadedModel) -> bool:
+    """Whether ``--selector predictor`` works without ``--predictor`` for this model."""
+    return (loaded.path / DEFAULT_FOLDER).is_dir() or shipped_predictor(loaded.config) is not None
+
+
+def shipped_predictor(config: dict) -> Optional[Path]:
+    """A predictor shipped in the package (``ifp_mlx/predictors/``) made for this model."""
+    root = Path(__file__).parent / SHIPPED_FOLDER
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            check_fingerprint(read_predictor_config(folder)["target"], config, "shipped predictor")
+        except IFPError:
+            continue
+        return folder
+    return None
 
 
 def read_predictor_config(path: Path) -> dict:

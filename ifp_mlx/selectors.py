@@ -49,6 +49,15 @@ def resolve_k(d_ff: int, keep: Optional[float] = None, k: Optional[int] = None) 
     return round_k(max(1, int(round(keep * d_ff))), d_ff)
 
 
+def default_size(selector, keep: Optional[float], k: Optional[int]) -> tuple[Optional[float], Optional[int]]:
+    """``--keep``/``--k`` as given, else a mask file's own k, a predictor's keep, or half."""
+    if keep is not None or k is not None:
+        return keep, k
+    if getattr(selector, "indices", None) is not None:
+        return None, selector.indices.shape[1]
+    return getattr(selector, "keep", 0.5), None
+
+
 def top_k(scores: mx.array, k: int) -> mx.array:
     """Per-layer indices of the k largest scores, ascending."""
     if k >= scores.shape[-1]:
