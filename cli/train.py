@@ -30,6 +30,7 @@ def train(
     temperature: float = typer.Option(0.5, "--temperature", help="SoftTopK temperature"),
     train_llm: str = typer.Option("none", "--train-llm", help="none | lora (adapters on attention, merged on export)"),
     init: Optional[Path] = typer.Option(None, "--init", help="start from this predictor folder (e.g. a distilled one)"),
+    init_mask: Optional[Path] = typer.Option(None, "--init-mask", help="start as this static mask (from ifp calibrate) for every prompt"),
     limit: Optional[int] = typer.Option(None, "--limit", help="examples per file"),
     log_every: int = typer.Option(25, "--log-every", help="steps between loss / mask-diversity lines"),
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in --out"),
@@ -59,7 +60,7 @@ def train(
         raise IFPError(f"{out} already exists (use --force to overwrite, or --resume)")
     records = [r for path in data for r in read_records(path)[:limit]]
     loaded = load(resolve(model), dense=False)
-    predictor = start_predictor(loaded, config, init)
+    predictor = start_predictor(loaded, config, init, init_mask)
     pairs = make_pairs(loaded, records, config)
     work = out.parent / f".{out.name}.training"
     trainer = Trainer(loaded, predictor, pairs, config, work, diversity_pairs(loaded), log=log)

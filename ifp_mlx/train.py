@@ -269,6 +269,8 @@ class Trainer:
             if self.config.stage != "distill":
                 args["tokens"], args["loss_mask"] = sequence_batch([self.pairs[i] for i in rows])
                 tokens_seen += int(args["loss_mask"].sum().item())
+            else:  # the head learns from prompts: count their tokens
+                tokens_seen += sum(len(self.pairs[i].prompt) for i in rows)
             loss, grads = self.loss_and_grad(mx.array(rows), **args)
             self.optimizer.update(self.trainable, grads)
             mx.eval(self.trainable.parameters(), self.optimizer.state, loss)
@@ -336,12 +338,29 @@ def mask_diversity(predictor: Predictor, features: mx.array, k: int) -> np.ndarr
     return per_layer
 
 
-def start_predictor(loaded: LoadedModel, config: TrainConfig, init: Optional[Path] = None) -> Predictor:
-    """A new predictor, or an existing one to continue from (e.g. after distill)."""
+def start_predictor(
+    loaded: LoadedModel, config: TrainConfig, init: Optional[Path] = None, init_mask: Optional[Path] = None
+) -> Predictor:
+    """A new predictor, an existing one to continue from, or one that starts as a static mask.
+
+    Starting from a mask (``init_mask``), the last layer's weights are zero and
+    its bias is +1 on the mask's channels, -1 elsewhere: the predictor first
+    picks exactly that mask for every prompt, and training can only move it
+    where the loss says the prompt matters.
+    """
     if init is not None:
         return load_predictor(init, loaded)[0]
     mx.random.seed(config.seed)
-    return create_predictor(loaded, config.backbone, config.head_hidden, config.activation)
+    predictor = create_predictor(loaded, config.backbone, config.head_hidden, config.activation)
+    if init_mask is not None:
+        from .masks import load_mask
+
+        indices = np.array(load_mask(init_mask, loaded.config)[0]).astype(np.int64)
+        bias = -np.ones((loaded.num_layers, loaded.d_ff), np.float32)
+        np.put_along_axis(bias, indices, 1.0, axis=1)
+        predictor.out.weight = mx.zeros_like(predictor.out.weight)
+        predictor.out.bias = mx.array(bias.reshape(-1))
+    return predictor
 
 
 def export(trainer: Trainer, path: Path, force: bool = False) -> Path:

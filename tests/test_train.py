@@ -118,3 +118,19 @@ def test_lora_trains_adapters_and_merges(tiny, tmp_path):
     tokens = mx.array([[3, 5, 7, 9]])
     trainer.loaded.assign(trainer.loaded.dense_ffn())
     np.testing.assert_allclose(np.array(merged.model(tokens)), np.array(trainer.loaded.model(tokens)), atol=1e-4)
+
+
+def test_init_mask_starts_as_that_static_mask(tiny, tmp_path):
+    from ifp_mlx.masks import save_mask
+    from ifp_mlx.selectors import top_k
+
+    loaded = load(tiny, dense=False)
+    indices = mx.array(np.sort(np.random.default_rng(1).permutation(64)[:32]).astype(np.uint32))
+    indices = mx.stack([indices] * loaded.num_layers)
+    mask = save_mask(tmp_path / "m.safetensors", indices, loaded.config)
+    config = TrainConfig(backbone="shared:1", head_hidden=16)
+    predictor = start_predictor(loaded, config, init_mask=mask)
+    tokens, lengths = mx.array([[3, 5, 7], [9, 11, 13]]), mx.array([3, 2])
+    picked = top_k(predictor.scores(predictor.features(tokens, lengths)), 32)
+    for row in np.array(picked):
+        np.testing.assert_array_equal(row, np.array(indices))
