@@ -23,7 +23,7 @@ def train(
     stage: str = typer.Option("distill", "--stage", help="distill | sft | pretrain"),
     keep: float = typer.Option(0.5, "--keep", help="fraction of FFN channels the masks keep"),
     backbone: str = typer.Option("shared:4", "--backbone", help="shared:N or a model folder"),
-    distill_target: str = typer.Option("oracle", "--distill-target", help="oracle (reply activations) | activations (prompt)"),
+    distill_target: str = typer.Option("sequence", "--distill-target", help="sequence (prompt + reply activations) | oracle (reply) | activations (prompt)"),
     steps: int = typer.Option(200, "--steps", help="optimizer steps"),
     batch_size: int = typer.Option(8, "--batch-size", help="examples per step"),
     learning_rate: float = typer.Option(1e-3, "--lr", help="AdamW learning rate"),

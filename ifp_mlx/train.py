@@ -3,8 +3,9 @@
 Stages, each a loss over (prompt, response) pairs whose prompt picks the mask:
 - ``distill``: a warm start that never back-propagates through the LLM. The
   head learns to reproduce a target mask: the ``activations`` statistic of the
-  prompt (GRIFFIN) or the ``oracle`` statistic of the reference response's own
-  activations. Binary cross-entropy on every channel, positives re-weighted.
+  prompt (GRIFFIN), the ``oracle`` statistic of the reference response's own
+  activations, or ``sequence``, of prompt and response together. Binary
+  cross-entropy on every channel, positives re-weighted.
 - ``sft``: the paper's stage 2. The prompt's features give scores, SoftTopK
   turns them into ``lambda * TopK(lambda)`` masks that multiply each layer's
   FFN activations, and the loss is the masked model's next-token
@@ -49,6 +50,10 @@ from .selectors import ActivationScores, resolve_k, top_k
 from .softtopk import topk_mask
 
 STAGES = ("distill", "sft", "pretrain")
+# What a distilled mask imitates: the prompt's activations (GRIFFIN), the reply's
+# (oracle), or both: the pruned model also runs the prompt, so a mask for the
+# reply alone starves the prompt's channels.
+DISTILL_TARGETS = ("sequence", "oracle", "activations")
 COLLAPSE_OVERLAP = 0.95
 # The fixed prompt set whose mask overlap is logged: different domains on purpose.
 DIVERSITY_PROMPTS = (
@@ -70,7 +75,7 @@ class TrainConfig:
     backbone: str = "shared:4"
     head_hidden: int = 128
     activation: str = "none"
-    distill_target: str = "oracle"  # "oracle" | "activations"
+    distill_target: str = "sequence"  # one of DISTILL_TARGETS
     steps: int = 200
     batch_size: int = 8
     learning_rate: float = 1e-3
@@ -128,15 +133,15 @@ def prompt_features(predictor: Predictor, pairs: list[Pair], batch_size: int = 1
 
 def distill_targets(loaded: LoadedModel, pairs: list[Pair], k: int, target: str, log=None) -> np.ndarray:
     """Top-k indicators ``[N, L, d_ff]`` (uint8) of the statistic each pair implies."""
-    if target not in ("oracle", "activations"):
-        raise IFPError(f"unknown distillation target {target!r}: use oracle or activations")
+    if target not in DISTILL_TARGETS:
+        raise IFPError(f"unknown distillation target {target!r}: use one of {', '.join(DISTILL_TARGETS)}")
     targets = np.zeros((len(pairs), loaded.num_layers, loaded.d_ff), np.uint8)
     for i, pair in enumerate(pairs):
         scores = ActivationScores(loaded)
-        if target == "oracle":
-            scores.run(pair.prompt + pair.response, skip=len(pair.prompt))
-        else:
+        if target == "activations":
             scores.run(pair.prompt)
+        else:
+            scores.run(pair.prompt + pair.response, skip=len(pair.prompt) if target == "oracle" else 0)
         np.put_along_axis(targets[i], np.array(top_k(scores.sums, k)).astype(np.int64), 1, axis=1)
         if log and (i + 1) % 50 == 0:
             log(f"targets {i + 1}/{len(pairs)}")
