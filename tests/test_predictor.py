@@ -337,3 +337,21 @@ def test_smollm2_shared4_predictor_generates(smollm2, tmp_path):
     text = "".join(engine.generate(tokens, GenerationConfig(max_tokens=4), stats))
     assert stats.submodel.k == 768 and stats.generation_tokens == 4 and text
     assert stats.phases["select"] < stats.phases["prefill"] + stats.phases["first token"] + 1.0
+
+
+def test_shipped_predictor_works_out_of_the_box(smollm2):
+    """The default model needs no --predictor: the package ships one for it."""
+    from ifp_mlx.predictor import has_predictor, shipped_predictor
+
+    folder = shipped_predictor(smollm2.config)
+    if folder is None:
+        pytest.skip("no predictor shipped for SmolLM2 in this build")
+    assert has_predictor(smollm2)
+    selector = make_selector("predictor", smollm2)
+    engine = Engine.create(smollm2, selector, keep=selector.keep)
+    tokens = prompt_tokens(smollm2.tokenizer, "Write a Python function that adds two numbers.")
+    stats = GenerationStats()
+    text = "".join(engine.generate(tokens, GenerationConfig(max_tokens=8), stats))
+    assert text and stats.submodel.k == 768
+    other = prompt_tokens(smollm2.tokenizer, "Who wrote Hamlet?")
+    assert not np.array_equal(np.array(selector.select(tokens, 768).indices), np.array(selector.select(other, 768).indices))
