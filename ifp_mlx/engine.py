@@ -24,9 +24,7 @@ from .bank import Bank, CompactFFN
 from .gather import gather
 from .generate import GenerationConfig, GenerationStats
 from .load import LoadedModel
-from .selectors import DenseSelector, Selection, resolve_k
-
-PREFILL_STEP = 512
+from .selectors import PREFILL_STEP, DenseSelector, Selection, resolve_k
 
 
 @dataclass
