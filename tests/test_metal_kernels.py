@@ -197,14 +197,8 @@ def _quantized_bank(
     return Bank(weight, scales, biases, bits=bits, group_size=group_size)
 
 
-FIELDS = (
-    "gate_up",
-    "down_t",
-    "gate_up_scales",
-    "gate_up_biases",
-    "down_t_scales",
-    "down_t_biases",
-)
+# Every CompactFFN field a kernel can write (the quantized kernel writes them all).
+FIELDS = KERNELS["gather_quantized_records"].outputs
 
 
 def assert_same_bits(a: CompactFFN, b: CompactFFN) -> None:
