@@ -340,18 +340,19 @@ def test_smollm2_shared4_predictor_generates(smollm2, tmp_path):
 
 
 def test_shipped_predictor_works_out_of_the_box(smollm2):
-    """The default model needs no --predictor: the package ships one for it."""
-    from ifp_mlx.predictor import has_predictor, shipped_predictor
+    """The default model needs no --predictor: the package ships one for it, and its
+    masks still depend on the prompt (the trainer's collapse bar on its probe prompts)."""
+    from ifp_mlx.predictor import has_predictor, load_predictor, shipped_predictor
+    from ifp_mlx.train import COLLAPSE_OVERLAP, diversity_pairs, mask_diversity, prompt_features
 
     folder = shipped_predictor(smollm2.config)
-    if folder is None:
-        pytest.skip("no predictor shipped for SmolLM2 in this build")
-    assert has_predictor(smollm2)
+    assert folder is not None and has_predictor(smollm2)
     selector = make_selector("predictor", smollm2)
     engine = Engine.create(smollm2, selector, keep=selector.keep)
     tokens = prompt_tokens(smollm2.tokenizer, "Write a Python function that adds two numbers.")
     stats = GenerationStats()
     text = "".join(engine.generate(tokens, GenerationConfig(max_tokens=8), stats))
     assert text and stats.submodel.k == 768
-    other = prompt_tokens(smollm2.tokenizer, "Who wrote Hamlet?")
-    assert not np.array_equal(np.array(selector.select(tokens, 768).indices), np.array(selector.select(other, 768).indices))
+    predictor, _ = load_predictor(folder, smollm2)
+    overlap = mask_diversity(predictor, prompt_features(predictor, diversity_pairs(smollm2)), 768).mean()
+    assert 0.5 < overlap < COLLAPSE_OVERLAP
