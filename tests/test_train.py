@@ -10,6 +10,7 @@ from tiny import write_hf_folder
 from ifp_mlx.load import load
 from ifp_mlx.predictor import load_predictor
 from ifp_mlx.train import (
+    COLLAPSE_OVERLAP,
     TrainConfig,
     Trainer,
     diversity_pairs,
@@ -134,3 +135,21 @@ def test_init_mask_starts_as_that_static_mask(tiny, tmp_path):
     picked = top_k(predictor.scores(predictor.features(tokens, lengths)), 32)
     for row in np.array(picked):
         np.testing.assert_array_equal(row, np.array(indices))
+
+
+def test_collapse_warning_fires_only_when_masks_stop_depending_on_the_prompt(tiny, tmp_path):
+    """A predictor that is one static mask (zero weights) is collapsed; a fresh one is not."""
+    from ifp_mlx.masks import save_mask
+
+    loaded = load(tiny, dense=False)
+    indices = mx.stack([mx.arange(0, 64, 2, dtype=mx.uint32)] * loaded.num_layers)
+    mask = save_mask(tmp_path / "m.safetensors", indices, loaded.config)
+    for init_mask, collapsed in ((mask, True), (None, False)):
+        config = TrainConfig(backbone="shared:1", head_hidden=16, stage="distill", steps=1, log_every=1)
+        logged = []
+        predictor = start_predictor(loaded, config, init_mask=init_mask)
+        trainer = Trainer(loaded, predictor, make_pairs(loaded, RECORDS, config), config, tmp_path / str(collapsed),
+                          diversity_pairs(loaded), log=logged.append)
+        trainer.train()
+        assert (trainer.history[-1]["overlap"] > COLLAPSE_OVERLAP) == collapsed
+        assert any("masks collapsed" in line for line in logged) == collapsed
