@@ -46,6 +46,7 @@ def train(
     from ifp_mlx.train import (
         TrainConfig,
         Trainer,
+        checkpoint_state,
         diversity_pairs,
         export,
         make_pairs,
@@ -56,13 +57,16 @@ def train(
         stage=stage, keep=keep, backbone=backbone, distill_target=distill_target, steps=steps, batch_size=batch_size,
         learning_rate=learning_rate, temperature=temperature, train_llm=train_llm, log_every=log_every,
     )
+    config.check()
     if (out / "config.json").exists() and not force and not resume:
         raise IFPError(f"{out} already exists (use --force to overwrite, or --resume)")
+    work = out.parent / f".{out.name}.training"
+    if resume:
+        checkpoint_state(work, stage)
     records = [r for path in data for r in read_records(path)[:limit]]
     loaded = load(resolve(model), dense=False)
     predictor = start_predictor(loaded, config, init, init_mask)
     pairs = make_pairs(loaded, records, config)
-    work = out.parent / f".{out.name}.training"
     trainer = Trainer(loaded, predictor, pairs, config, work, diversity_pairs(loaded), log=log)
     if resume:
         trainer.resume()

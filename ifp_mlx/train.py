@@ -54,7 +54,8 @@ STAGES = ("distill", "sft", "pretrain")
 # (oracle), or both: the pruned model also runs the prompt, so a mask for the
 # reply alone starves the prompt's channels.
 DISTILL_TARGETS = ("sequence", "oracle", "activations")
-COLLAPSE_OVERLAP = 0.95
+COLLAPSE_OVERLAP = 0.95  # mean cross-prompt overlap above this: masks no longer depend on the prompt
+CHECKPOINT = "checkpoint"  # folder inside a run's work folder
 # The fixed prompt set whose mask overlap is logged: different domains on purpose.
 DIVERSITY_PROMPTS = (
     "Write a Python function that merges two sorted lists.",
@@ -65,7 +66,7 @@ DIVERSITY_PROMPTS = (
     "Who wrote the play Hamlet?",
     "Write a short poem about autumn leaves.",
     "Summarize the plot of Romeo and Juliet in two sentences.",
-)  # mean cross-prompt overlap above this: masks no longer depend on the prompt
+)
 
 
 @dataclass
@@ -89,6 +90,23 @@ class TrainConfig:
     log_every: int = 25
     checkpoint_every: int = 50
     seed: int = 0
+
+    def check(self) -> None:
+        """One-line errors for bad settings, before any model is loaded or target computed."""
+        choices = {"stage": STAGES, "distill_target": DISTILL_TARGETS, "train_llm": ("none", "lora")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise IFPError(f"unknown {_flag(name)} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        for name in ("steps", "batch_size", "learning_rate", "temperature", "log_every", "checkpoint_every"):
+            if not getattr(self, name) > 0:
+                raise IFPError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.keep <= 1:
+            raise IFPError(f"--keep must be in (0, 1], got {self.keep}")
+
+
+def _flag(field: str) -> str:
+    """The ``ifp train`` option that sets a TrainConfig field."""
+    return "--lr" if field == "learning_rate" else "--" + field.replace("_", "-")
 
 
 @dataclass
@@ -226,8 +244,7 @@ class Trainer:
         self, loaded: LoadedModel, predictor: Predictor, pairs: list[Pair], config: TrainConfig, out: Path,
         probe_pairs: Optional[list[Pair]] = None, log: Callable[[str], None] = print,
     ):
-        if config.stage not in STAGES:
-            raise IFPError(f"unknown stage {config.stage!r}: use one of {', '.join(STAGES)}")
+        config.check()
         if not pairs:
             raise IFPError("no training examples")
         self.loaded, self.predictor, self.pairs, self.config, self.out, self.log = loaded, predictor, pairs, config, out, log
@@ -243,8 +260,6 @@ class Trainer:
         shared = predictor.backbone.layers if predictor.backbone.shared else 0
         if config.train_llm == "lora":
             add_lora(loaded, shared or 0, config.lora_rank)
-        elif config.train_llm != "none":
-            raise IFPError(f"unknown --train-llm {config.train_llm!r}: use none or lora")
         self.trainable = Trainable(predictor, loaded.model if config.train_llm == "lora" else None)
         self.optimizer = optim.AdamW(learning_rate=config.learning_rate, weight_decay=config.weight_decay)
         self.loss_and_grad = nn.value_and_grad(self.trainable, self._loss)
@@ -304,7 +319,7 @@ class Trainer:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.out / "checkpoint"
+        return self.out / CHECKPOINT
 
     def save_checkpoint(self) -> None:
         """Parameters, optimizer state and step, written to a temp folder then renamed."""
@@ -321,15 +336,22 @@ class Trainer:
     def resume(self) -> None:
         """Continue from the checkpoint in ``out`` (same parameters, optimizer, step)."""
         folder = self.checkpoint_dir
-        if not (folder / "state.json").is_file():
-            raise IFPError(f"{self.out}: no checkpoint to resume from")
-        state = json.loads((folder / "state.json").read_text())
-        if state["config"]["stage"] != self.config.stage:
-            raise IFPError(f"the checkpoint is for stage {state['config']['stage']}, not {self.config.stage}")
+        state = checkpoint_state(self.out, self.config.stage)
         self.trainable.load_weights(list(mx.load(str(folder / "trainable.safetensors")).items()), strict=False)
         self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
         self.step, self.history = state["step"], state["history"]
         mx.eval(self.trainable.parameters(), self.optimizer.state)
+
+
+def checkpoint_state(out: Path, stage: str) -> dict:
+    """The saved state of the run in ``out`` to resume: checked before anything is loaded."""
+    path = out / CHECKPOINT / "state.json"
+    if not path.is_file():
+        raise IFPError(f"{out}: no checkpoint to resume from")
+    state = json.loads(path.read_text())
+    if state["config"]["stage"] != stage:
+        raise IFPError(f"the checkpoint is for stage {state['config']['stage']}, not {stage}")
+    return state
 
 
 def mask_diversity(predictor: Predictor, features: mx.array, k: int) -> np.ndarray:

@@ -105,3 +105,48 @@ def test_pruning_bad_input(smollm2_dir, tmp_path):
     assert_one_line_error(
         ifp("generate", "hi", *model, "--selector", "static", "--mask", str(mask)), "made for another model"
     )
+
+
+def _tiny_model_and_data(tmp_path):
+    import json
+
+    write_hf_folder(tmp_path / "hf", "llama", intermediate_size=64, num_hidden_layers=2)
+    assert ifp("convert", str(tmp_path / "hf"), str(tmp_path / "model")).returncode == 0
+    records = [
+        {"id": f"{d}-{i}", "domain": d, "prompt": f"{d} question {i}", "response": f"answer {i} for {d}"}
+        for d in ("code", "math") for i in range(3)
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return tmp_path / "model", data
+
+
+def test_train_resume_and_eval(tmp_path):
+    model, data = _tiny_model_and_data(tmp_path)
+    pred = tmp_path / "pred"
+    common = (str(data), "--model", str(model), "--out", str(pred), "--backbone", "shared:1", "--batch-size", "2")
+    result = ifp("train", *common, "--stage", "sft", "--steps", "2", "--log-every", "1")
+    assert result.returncode == 0, result.stderr
+    logged = [line for line in result.stderr.splitlines() if line.startswith("{")]
+    assert len(logged) == 2 and all('"loss"' in line and '"overlap"' in line for line in logged)
+    assert (pred / "config.json").is_file() and (pred / "predictor.safetensors").is_file()
+    assert_one_line_error(ifp("train", *common, "--stage", "sft", "--steps", "2"), "already exists")
+    result = ifp("train", *common, "--stage", "sft", "--steps", "3", "--resume")
+    assert result.returncode == 0 and "resumed at step 2" in result.stderr, result.stderr
+    result = ifp("eval", str(data), "--model", str(model), "--selectors", "dense,predictor", "--predictor", str(pred),
+                 "--json", str(tmp_path / "eval.json"))
+    assert result.returncode == 0, result.stderr
+    import json
+
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert set(report["selectors"]) == {"dense", "predictor"} and report["examples"] == 6
+    assert set(report["selectors"]["predictor"]["nll"]) == {"code", "math"}
+
+
+def test_train_bad_input_fails_before_loading(tmp_path):
+    """The model folder does not exist: these errors must come before it is opened."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"id": "1", "domain": "code", "prompt": "p", "response": "r"}\n')
+    base = ("train", str(data), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "pred"))
+    assert_one_line_error(ifp(*base, "--temperature", "0"), "--temperature must be > 0")
+    assert_one_line_error(ifp(*base, "--resume"), "no checkpoint to resume from")

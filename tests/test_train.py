@@ -1,5 +1,7 @@
 """Predictor training: gradients, loss going down, resume, export, on tiny models."""
 
+import re
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -153,3 +155,24 @@ def test_collapse_warning_fires_only_when_masks_stop_depending_on_the_prompt(tin
         trainer.train()
         assert (trainer.history[-1]["overlap"] > COLLAPSE_OVERLAP) == collapsed
         assert any("masks collapsed" in line for line in logged) == collapsed
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"stage": "bogus"}, "unknown --stage 'bogus'"),
+        ({"distill_target": "reply"}, "unknown --distill-target 'reply'"),
+        ({"train_llm": "full"}, "unknown --train-llm 'full'"),
+        ({"steps": 0}, "--steps must be > 0"),
+        ({"batch_size": -1}, "--batch-size must be > 0"),
+        ({"learning_rate": 0.0}, "--lr must be > 0"),
+        ({"temperature": 0.0}, "--temperature must be > 0"),
+        ({"keep": 1.5}, "--keep must be in (0, 1]"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(overrides, message):
+    from ifp_mlx.errors import IFPError
+
+    with pytest.raises(IFPError, match=re.escape(message)):
+        TrainConfig(**overrides).check()
+    TrainConfig().check()
