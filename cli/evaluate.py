@@ -16,7 +16,9 @@ def evaluate_command(
     files: list[Path] = typer.Argument(..., help="held-out jsonl files (id, domain, prompt, response), e.g. from `ifp data build`"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="model folder or named model"),
     keep: float = typer.Option(0.5, "--keep", help="fraction of FFN channels kept per layer"),
-    selectors: str = typer.Option("dense,static,activations,random", "--selectors", help="comma-separated selectors"),
+    selectors: Optional[str] = typer.Option(
+        None, "--selectors", help="comma-separated selectors [default: dense,static,activations,random, and predictor if the model has one]"
+    ),
     mask: Optional[Path] = typer.Option(None, "--mask", help="mask file for the static selector (else weight norms)"),
     predictor: Optional[Path] = typer.Option(None, "--predictor", help="predictor folder for the predictor selector"),
     limit: Optional[int] = typer.Option(None, "--limit", help="examples per domain"),
@@ -28,11 +30,15 @@ def evaluate_command(
     """
     from ifp_mlx.engine import Engine
     from ifp_mlx.evaluate import evaluate, overlap_by_domain, read_examples
+    from ifp_mlx.files import atomic_file
     from ifp_mlx.load import load
+    from ifp_mlx.predictor import has_predictor
     from ifp_mlx.selectors import make_selector
 
     examples = read_examples(files, limit)
     loaded = load(resolve(model), dense=False)
+    if selectors is None:
+        selectors = "dense,static,activations,random" + (",predictor" if predictor or has_predictor(loaded) else "")
     engines = {}
     for name in [s.strip() for s in selectors.split(",") if s.strip()]:
         selector = make_selector(name, loaded, mask=str(mask) if mask and name == "static" else None, predictor=predictor)
@@ -51,4 +57,5 @@ def evaluate_command(
     Console().print(table)
     err.print("within/across: mean pairwise mask overlap inside a domain and between domains", highlight=False)
     if json_out:
-        json_out.write_text(json.dumps(report, indent=2))
+        with atomic_file(json_out) as tmp:
+            tmp.write_text(json.dumps(report, indent=2))

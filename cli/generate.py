@@ -23,7 +23,7 @@ def generate(
     no_chat_template: bool = typer.Option(False, "--no-chat-template", help="feed the prompt as raw text"),
     keep: Optional[float] = typer.Option(None, "--keep", help="fraction of FFN channels kept per layer, 0 < R <= 1"),
     k: Optional[int] = typer.Option(None, "--k", help="FFN channels kept per layer (rounded up to a multiple of 8)"),
-    selector: Optional[str] = typer.Option(None, "--selector", "-s", help="activations | static | dense | random | predictor"),
+    selector: Optional[str] = typer.Option(None, "--selector", "-s", help="predictor | activations | static | dense | random (default with --keep: predictor if the model has one, else activations)"),
     mask: Optional[Path] = typer.Option(None, "--mask", help="mask file for --selector static (from ifp calibrate / ifp masks --save)"),
     predictor: Optional[Path] = typer.Option(None, "--predictor", help="predictor folder for --selector predictor"),
     task: Optional[str] = typer.Option(None, "--task", help="per-task mode: choose the mask once from this instruction"),
@@ -58,16 +58,17 @@ def generate(
 
 
 def build_engine(loaded, selector, keep, k, mask, predictor, seed):
-    """The engine for the selection options; no --keep/--k/--selector/--mask means dense.
+    """The engine for the selection options; none of --keep/--k/--selector/--mask/--predictor means dense.
 
     Without --keep/--k, a mask file keeps its own k, a predictor its own keep
     ratio, and the other selectors keep half.
     """
     from ifp_mlx.engine import Engine
-    from ifp_mlx.selectors import default_size, make_selector
+    from ifp_mlx.selectors import default_selector, default_size, make_selector
 
     if selector is None:
-        selector = "dense" if keep is None and k is None and mask is None else ("static" if mask else "activations")
+        pruning = keep is not None or k is not None or mask is not None or predictor is not None
+        selector = default_selector(loaded, mask, predictor) if pruning else "dense"
     if mask is not None and selector != "static":
         raise IFPError("--mask goes with --selector static")
     chosen = make_selector(selector, loaded, mask=mask, seed=seed or 0, predictor=predictor)

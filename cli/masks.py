@@ -38,15 +38,14 @@ def masks(
     from ifp_mlx.generate import prompt_tokens
     from ifp_mlx.load import load
     from ifp_mlx.masks import mask_overlap, save_mask
-    from ifp_mlx.predictor import has_predictor
-    from ifp_mlx.selectors import default_size, make_selector, resolve_k
+    from ifp_mlx.selectors import default_selector, default_size, make_selector, resolve_k
 
     named = ([("task", task)] if task is not None else []) + [(str(i + 1), p) for i, p in enumerate(prompts or [])]
     if not named:
         raise IFPError("give at least one PROMPT (or --task)")
     loaded = load(resolve(model), dense=False)
     if selector is None:
-        selector = "static" if mask else "predictor" if predictor or has_predictor(loaded) else "activations"
+        selector = default_selector(loaded, mask, predictor)
     if selector == "dense":
         raise IFPError("--selector dense keeps every channel: choose a pruning selector")
     if mask is not None and selector != "static":

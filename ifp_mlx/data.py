@@ -22,7 +22,6 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 from .errors import IFPError
+from .files import atomic_file
 
 DOMAINS = ("code", "math", "knowledge", "instructions", "prose")
 SPLITS = ("train", "heldout")
@@ -140,19 +140,11 @@ def split_records(records: Iterable[dict], heldout_fraction: float = HELDOUT_FRA
 
 def write_records(path: Path, records: Iterable[dict]) -> int:
     """Write jsonl atomically (a temporary file renamed into place); returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     count = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                count += 1
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 

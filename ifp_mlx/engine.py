@@ -36,6 +36,7 @@ class SubmodelInfo:
     total_parameters: int
     gathered: bool  # False when the submodel came from the cache (or is dense)
     gathers: int = 0  # gathers this engine has done so far
+    selector: str = "dense"  # the name of the selector that chose the channels
 
     def describe(self) -> str:
         if self.k == self.total_channels:
@@ -43,7 +44,7 @@ class SubmodelInfo:
         rounded = f" (asked {self.requested_k}, rounded up to a multiple of 8)" if self.requested_k not in (None, self.k) else ""
         source = "gathered" if self.gathered else "cached submodel"
         return (
-            f"k {self.k}/{self.total_channels} per layer{rounded}, "
+            f"{self.selector}: k {self.k}/{self.total_channels} per layer{rounded}, "
             f"{self.active_parameters / 1e6:.0f}M/{self.total_parameters / 1e6:.0f}M params active, "
             f"{source}, gathers {self.gathers}"
         )
@@ -111,7 +112,7 @@ class Engine:
         total = self.loaded.ifp.get("parameters", 0)
         d = self.loaded.ifp["bank"]["hidden_size"]
         pruned = 3 * d * (self.loaded.d_ff - self.k) * self.loaded.num_layers
-        return SubmodelInfo(self.k, self.loaded.d_ff, self.requested_k, total - pruned, total, gathered, self.gathers)
+        return SubmodelInfo(self.k, self.loaded.d_ff, self.requested_k, total - pruned, total, gathered, self.gathers, self.selector.name)
 
     def generate(self, tokens: list[int], config: GenerationConfig, stats: GenerationStats) -> Iterator[str]:
         """Stream the reply to ``tokens``; ``stats`` gets the phase timings."""

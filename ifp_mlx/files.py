@@ -1,4 +1,4 @@
-"""Atomic folder writes: a failure never leaves a half-written output behind."""
+"""Atomic writes: a failure never leaves a half-written output behind."""
 
 import os
 import shutil
@@ -35,3 +35,17 @@ def replace_folder(tmp: Path, out: Path) -> None:
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary path (same folder and suffix) renamed to ``path`` when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

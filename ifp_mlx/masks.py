@@ -7,7 +7,6 @@ model is refused with a one-line error.
 """
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import IFPError
+from .files import atomic_file
 
 PROBE_TOLERANCE = 0.05  # the probe survives dtype changes and 8-bit quantization
 
@@ -50,9 +50,8 @@ def save_mask(path: str | Path, indices: mx.array, config: dict, info: Optional[
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
     metadata = {"fingerprint": json.dumps(model_fingerprint(config)), "info": json.dumps(info or {})}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.safetensors")
-    mx.save_safetensors(str(tmp), {"indices": indices.astype(mx.uint32)}, metadata=metadata)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        mx.save_safetensors(str(tmp), {"indices": indices.astype(mx.uint32)}, metadata=metadata)
     return path
 
 

@@ -184,6 +184,17 @@ class RandomSelector:
         return Selection(mx.array(picked.astype(np.uint32)))
 
 
+def default_selector(loaded: LoadedModel, mask=None, predictor=None) -> str:
+    """The selector for pruning when none is named: a mask file's, else the trained
+    predictor when the model has one (it beats the others and needs no dense
+    prefill, see docs/PRUNING.md), else the activation statistic."""
+    from .predictor import has_predictor
+
+    if mask is not None:
+        return "static"
+    return "predictor" if predictor is not None or has_predictor(loaded) else "activations"
+
+
 def make_selector(name: str, loaded: LoadedModel, mask: Optional[str] = None, seed: int = 0, **kwargs):
     """Build a selector by name (the CLI's ``--selector``)."""
     factories: dict[str, Callable] = {

@@ -92,6 +92,18 @@ def test_calibrate_then_static_mask(smollm2_dir, tmp_path):
     assert "k 512/1536 per layer" in " ".join(result.stderr.split())
 
 
+def test_keep_prunes_with_the_best_selector_the_model_has(smollm2_dir, tmp_path):
+    """SmolLM2 has a shipped predictor; a fresh conversion of another model does not."""
+    result = ifp("generate", "Hello", "--model", str(smollm2_dir), "--keep", "0.5", "-n", "2")
+    assert result.returncode == 0, result.stderr
+    assert "predictor: k 768/1536 per layer" in " ".join(result.stderr.split())
+    write_hf_folder(tmp_path / "hf", "llama")
+    assert ifp("convert", str(tmp_path / "hf"), str(tmp_path / "tiny")).returncode == 0
+    result = ifp("generate", "Hello", "--model", str(tmp_path / "tiny"), "--keep", "0.5", "-n", "2")
+    assert result.returncode == 0, result.stderr
+    assert "activations: k" in " ".join(result.stderr.split())
+
+
 def test_pruning_bad_input(smollm2_dir, tmp_path):
     model = ("--model", str(smollm2_dir), "-n", "2")
     assert_one_line_error(ifp("generate", "hi", *model, "--keep", "0"), "--keep must be in (0, 1]")
@@ -133,13 +145,13 @@ def test_train_resume_and_eval(tmp_path):
     assert_one_line_error(ifp("train", *common, "--stage", "sft", "--steps", "2"), "already exists")
     result = ifp("train", *common, "--stage", "sft", "--steps", "3", "--resume")
     assert result.returncode == 0 and "resumed at step 2" in result.stderr, result.stderr
-    result = ifp("eval", str(data), "--model", str(model), "--selectors", "dense,predictor", "--predictor", str(pred),
-                 "--json", str(tmp_path / "eval.json"))
+    result = ifp("eval", str(data), "--model", str(model), "--predictor", str(pred), "--json", str(tmp_path / "eval.json"))
     assert result.returncode == 0, result.stderr
     import json
 
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert set(report["selectors"]) == {"dense", "predictor"} and report["examples"] == 6
+    assert set(report["selectors"]) == {"dense", "static", "activations", "random", "predictor"}  # the default set
+    assert report["examples"] == 6
     assert set(report["selectors"]["predictor"]["nll"]) == {"code", "math"}
 
 

@@ -266,6 +266,20 @@ def test_user_jsonl_round_trip(tmp_path):
     assert sum(len(v) for v in data.split_records(records).values()) == 2
 
 
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    data.write_records(path, [{"id": "a", "domain": "prose", "text": "kept"}])
+
+    def failing():
+        yield {"id": "b", "domain": "prose", "text": "new"}
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        data.write_records(path, failing())
+    assert data.read_records(path) == [{"id": "a", "domain": "prose", "text": "kept"}]
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.jsonl"]
+
+
 @needs["instructions"]
 def test_cli_build_and_check(tmp_path):
     from ifp_mlx.cli import data as _  # noqa: F401  (registers `ifp data`)
