@@ -21,6 +21,7 @@ the backbone's N (so the features stay fixed), merged into a new model folder
 on export.
 """
 
+import hashlib
 import json
 import shutil
 import time
@@ -35,7 +36,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import IFPError
-from .files import atomic_folder
+from .files import atomic_file, atomic_folder
 from .generate import prompt_tokens
 from .load import LoadedModel
 from .masks import mask_overlap
@@ -166,6 +167,26 @@ def distill_targets(loaded: LoadedModel, pairs: list[Pair], k: int, target: str,
     return targets
 
 
+def cached_distill_targets(
+    loaded: LoadedModel, pairs: list[Pair], k: int, target: str, folder: Path, log=None
+) -> np.ndarray:
+    """``distill_targets``, kept (bit-packed) in the run's folder: they cost a dense
+    forward per example, the head's steps almost nothing, so ``--resume`` or a rerun
+    with other head settings must not pay for them again."""
+    weights = loaded.path / loaded.ifp["weights"]
+    source = [str(loaded.path.resolve()), weights.stat().st_size, weights.stat().st_mtime_ns, target, k]
+    key = hashlib.sha256(json.dumps([source, [(p.prompt, p.response) for p in pairs]]).encode()).hexdigest()[:16]
+    path = Path(folder) / f"targets-{key}.npy"
+    if path.is_file():
+        if log:
+            log(f"targets from {path}")
+        return np.unpackbits(np.load(path), axis=-1, count=loaded.d_ff)
+    targets = distill_targets(loaded, pairs, k, target, log)
+    with atomic_file(path) as tmp:
+        np.save(tmp, np.packbits(targets, axis=-1))
+    return targets
+
+
 class Trainable(nn.Module):
     """What the optimizer updates: the predictor head and, with LoRA, adapters."""
 
@@ -256,7 +277,7 @@ class Trainer:
         self.probe_features = prompt_features(predictor, probe_pairs) if probe_pairs else None
         self.targets = None
         if config.stage == "distill":
-            self.targets = distill_targets(loaded, pairs, self.k, config.distill_target, log)
+            self.targets = cached_distill_targets(loaded, pairs, self.k, config.distill_target, out, log)
         shared = predictor.backbone.layers if predictor.backbone.shared else 0
         if config.train_llm == "lora":
             add_lora(loaded, shared or 0, config.lora_rank)

@@ -176,3 +176,15 @@ def test_bad_settings_are_one_line_errors(overrides, message):
     with pytest.raises(IFPError, match=re.escape(message)):
         TrainConfig(**overrides).check()
     TrainConfig().check()
+
+
+def test_distill_targets_are_computed_once_per_run_folder(tiny, tmp_path):
+    logged = []
+    first = make_trainer(tiny, tmp_path, stage="distill", steps=1)
+    loaded, config = first.loaded, first.config
+    again = Trainer(loaded, first.predictor, first.pairs, config, tmp_path, log=logged.append)
+    assert any(line.startswith("targets from") for line in logged)
+    np.testing.assert_array_equal(again.targets, first.targets)
+    assert first.targets.sum() == len(first.pairs) * loaded.num_layers * first.k  # k channels per layer
+    other = Trainer(loaded, first.predictor, first.pairs[:2], config, tmp_path, log=logged.append)
+    assert other.targets.shape[0] == 2 and len(list(tmp_path.glob("targets-*.npy"))) == 2
