@@ -343,16 +343,12 @@ class Trainer:
         return self.out / CHECKPOINT
 
     def save_checkpoint(self) -> None:
-        """Parameters, optimizer state and step, written to a temp folder then renamed."""
-        tmp = self.out / ".checkpoint.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        mx.save_safetensors(str(tmp / "trainable.safetensors"), dict(tree_flatten(self.trainable.trainable_parameters())))
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
-        state = {"step": self.step, "config": asdict(self.config), "history": self.history}
-        (tmp / "state.json").write_text(json.dumps(state))
-        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-        tmp.rename(self.checkpoint_dir)
+        """Parameters, optimizer state and step; the previous checkpoint stays until this one is whole."""
+        with atomic_folder(self.checkpoint_dir, force=True) as tmp:
+            mx.save_safetensors(str(tmp / "trainable.safetensors"), dict(tree_flatten(self.trainable.trainable_parameters())))
+            mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
+            state = {"step": self.step, "config": asdict(self.config), "history": self.history}
+            (tmp / "state.json").write_text(json.dumps(state))
 
     def resume(self) -> None:
         """Continue from the checkpoint in ``out`` (same parameters, optimizer, step)."""
