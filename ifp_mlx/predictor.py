@@ -298,10 +298,8 @@ class PredictorSelector:
     def for_model(cls, loaded: LoadedModel, path: Optional[str | Path] = None) -> "PredictorSelector":
         """The predictor at ``path``, the model folder's ``predictor/``, or one shipped for it."""
         if path is None:
-            path = loaded.path / DEFAULT_FOLDER
-            if not path.is_dir():
-                path = shipped_predictor(loaded.config) or path
-            if not path.is_dir():
+            path = default_predictor(loaded)
+            if path is None:
                 raise IFPError(
                     f"{loaded.path} has no default predictor ({DEFAULT_FOLDER}/): pass --predictor DIR "
                     "(make one with `ifp convert-predictor`)"
@@ -320,9 +318,15 @@ class PredictorSelector:
         return Selection(indices)
 
 
+def default_predictor(loaded: LoadedModel) -> Optional[Path]:
+    """The model folder's ``predictor/``, else a predictor shipped for the model, else None."""
+    own = loaded.path / DEFAULT_FOLDER
+    return own if own.is_dir() else shipped_predictor(loaded.config)
+
+
 def has_predictor(loaded: LoadedModel) -> bool:
     """Whether ``--selector predictor`` works without ``--predictor`` for this model."""
-    return (loaded.path / DEFAULT_FOLDER).is_dir() or shipped_predictor(loaded.config) is not None
+    return default_predictor(loaded) is not None
 
 
 def shipped_predictor(config: dict) -> Optional[Path]:
