@@ -235,6 +235,9 @@ def sequence_batch(pairs: list[Pair]) -> tuple[mx.array, mx.array]:
     return mx.array(tokens), mx.array(loss_mask)
 
 
+LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention linears that get adapters
+
+
 def add_lora(loaded: LoadedModel, first_layer: int, rank: int) -> None:
     """LoRA on the attention projections of layers ``first_layer..L-1``."""
     from mlx_lm.tuner.lora import LoRALinear
@@ -242,7 +245,7 @@ def add_lora(loaded: LoadedModel, first_layer: int, rank: int) -> None:
     loaded.model.freeze()
     for layer in loaded.model.layers[first_layer:]:
         attn = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for name in LORA_PROJECTIONS:
             setattr(attn, name, LoRALinear.from_base(getattr(attn, name), r=rank, scale=2.0))
 
 
@@ -252,7 +255,7 @@ def merge_lora(loaded: LoadedModel) -> None:
 
     for layer in loaded.model.layers:
         attn = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for name in LORA_PROJECTIONS:
             module = getattr(attn, name)
             if isinstance(module, LoRALinear):
                 setattr(attn, name, module.fuse())
@@ -278,9 +281,8 @@ class Trainer:
         self.targets = None
         if config.stage == "distill":
             self.targets = cached_distill_targets(loaded, pairs, self.k, config.distill_target, out, log)
-        shared = predictor.backbone.layers if predictor.backbone.shared else 0
-        if config.train_llm == "lora":
-            add_lora(loaded, shared or 0, config.lora_rank)
+        if config.train_llm == "lora":  # after the shared backbone's layers, so the features stay fixed
+            add_lora(loaded, predictor.backbone.layers if predictor.backbone.shared else 0, config.lora_rank)
         self.trainable = Trainable(predictor, loaded.model if config.train_llm == "lora" else None)
         self.optimizer = optim.AdamW(learning_rate=config.learning_rate, weight_decay=config.weight_decay)
         self.loss_and_grad = nn.value_and_grad(self.trainable, self._loss)
