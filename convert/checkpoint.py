@@ -64,7 +64,7 @@ def _open_gguf(src: Path) -> Checkpoint:
 
 def _open_single_file(src: Path, config_path: Path) -> Checkpoint:
     config = _read_config(config_path)
-    tensors, fmt = _read_weights_file(src)
+    tensors, fmt = read_weights_file(src)
     return Checkpoint(tensors, config, fmt, tokenizer_copier(config_path.parent))
 
 
@@ -74,7 +74,7 @@ def _open_folder(src: Path) -> Checkpoint:
     tensors: dict[str, SourceTensor] = {}
     fmt = "safetensors"
     for path in files:
-        part, fmt = _read_weights_file(path)
+        part, fmt = read_weights_file(path)
         tensors.update(part)
     return Checkpoint(tensors, config, fmt, tokenizer_copier(src))
 
@@ -93,16 +93,24 @@ def normalize_config(config: dict) -> dict:
     return config
 
 
-def _read_config(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from a checkpoint's side file (config, metadata), or a one-line error."""
     if not path.is_file():
-        raise ConversionError(f"{path}: config.json not found")
+        raise ConversionError(f"{path}: file not found")
     try:
-        return normalize_config(json.loads(path.read_text()))
+        value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})" if hasattr(e, "msg") else f"{path}: invalid JSON")
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
+    return value
 
 
-def _read_weights_file(path: Path) -> tuple[dict[str, SourceTensor], str]:
+def _read_config(path: Path) -> dict:
+    return normalize_config(read_json(path))
+
+
+def read_weights_file(path: Path) -> tuple[dict[str, SourceTensor], str]:
     if path.suffix == ".safetensors":
         return read_safetensors(path), "safetensors"
     from .torch_reader import read_torch

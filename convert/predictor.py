@@ -38,7 +38,13 @@ from ifp_mlx.predictor import (
     write_predictor_files,
 )
 
-from .checkpoint import TORCH_SUFFIXES, normalize_config, tokenizer_copier
+from .checkpoint import (
+    TORCH_SUFFIXES,
+    normalize_config,
+    read_json,
+    read_weights_file,
+    tokenizer_copier,
+)
 from .convert import FLOAT_DTYPES, ConvertOptions, canonical_name, convert
 from .errors import ConversionError
 from .safetensors_io import SafetensorsWriter, read_safetensors
@@ -85,7 +91,7 @@ def convert_predictor(
     """Convert ``src`` into the predictor folder ``out`` for the model folder ``model``."""
     model = Path(model)
     target = read_config(model)
-    source = open_predictor(src, _read_json(Path(backbone_config)) if backbone_config else None)
+    source = open_predictor(src, read_json(Path(backbone_config)) if backbone_config else None)
     if activation is not None:
         if activation not in ACTIVATIONS:
             raise ConversionError(f"unknown --activation {activation!r}: use one of {', '.join(ACTIVATIONS)}")
@@ -129,7 +135,7 @@ def _open_layout_a(src: Path, backbone_config: Optional[dict]) -> PredictorSourc
         raise ConversionError(f"{src}: expected a .pt/.pth/.bin/.safetensors state dict")
     if backbone_config is None:
         raise ConversionError(f"{src}: a backbone state dict needs --backbone-config CONFIG.json (the backbone's HF config)")
-    tensors, fmt = _read_tensors(src)
+    tensors, fmt = read_weights_file(src)
     backbone, head = {}, {}
     for name, tensor in tensors.items():
         hf = canonical_name(name)
@@ -142,9 +148,9 @@ def _open_layout_a(src: Path, backbone_config: Optional[dict]) -> PredictorSourc
 
 def _open_layout_b(src: Path, backbone_config: Optional[dict]) -> PredictorSource:
     _require(src, FILES_B)
-    meta = _read_json(src / "predictor_meta.json")
-    extractor, _ = _read_tensors(src / "extractor.pt")
-    head_tensors, _ = _read_tensors(src / "mask_head.pt")
+    meta = read_json(src / "predictor_meta.json")
+    extractor, _ = read_weights_file(src / "extractor.pt")
+    head_tensors, _ = read_weights_file(src / "mask_head.pt")
     head = {_head_key(src / "mask_head.pt", name, name, HEAD_B): t for name, t in head_tensors.items()}
     backbone = {_body_name(name): t for name, t in extractor.items()}
     config = backbone_config or meta.get("extractor_config")
@@ -157,7 +163,7 @@ def _open_layout_b(src: Path, backbone_config: Optional[dict]) -> PredictorSourc
 
 def _open_layout_c(src: Path, backbone_config: Optional[dict]) -> PredictorSource:
     _require(src, FILES_C)
-    meta = _read_json(src / "ifpruning_config.json")
+    meta = read_json(src / "ifpruning_config.json")
     backbone, head = {}, {}
     for name, tensor in read_safetensors(src / "predictor.safetensors").items():
         if name.startswith("extractor."):
@@ -175,26 +181,6 @@ def _require(src: Path, names: tuple[str, ...]) -> None:
     for name in names:
         if not (src / name).is_file():
             raise ConversionError(f"{src}: missing {name} (this layout needs {', '.join(names)})")
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ConversionError(f"{path}: file not found")
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ConversionError(f"{path}: invalid JSON")
-    if not isinstance(value, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return value
-
-
-def _read_tensors(path: Path) -> tuple[dict[str, SourceTensor], str]:
-    if path.suffix == ".safetensors":
-        return read_safetensors(path), "safetensors"
-    from .torch_reader import read_torch
-
-    return read_torch(path), "pytorch"
 
 
 def _head_key(path: Path, key: str, name: str, known: dict) -> tuple[int, str]:
@@ -220,7 +206,7 @@ def _predictor_model_config(src: Path, predictor_model) -> dict:
     if isinstance(predictor_model, str):
         for folder in (Path(predictor_model), src / predictor_model):
             if (folder / "config.json").is_file():
-                return _read_json(folder / "config.json")
+                return read_json(folder / "config.json")
     raise ConversionError(
         f"{src}: the backbone config ({predictor_model}/config.json) is not here: pass --backbone-config CONFIG.json"
     )
