@@ -48,7 +48,7 @@ def log(message: str) -> None:
 
 def resolve(model: Optional[str]) -> Path:
     """The model folder for ``--model``, pulling a named model on first use."""
-    from ifp_mlx.registry import resolve_model
+    from ..convert.registry import resolve_model
 
     with byte_progress("converting") as progress:
         return resolve_model(model, log=log, progress=progress_callback(progress, "converting"))

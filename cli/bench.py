@@ -36,7 +36,7 @@ def bench(
               ifp bench --compact --keep 0.5 --keep 0.33 --rounds 5
     """
     if compact:
-        from ifp_mlx.bench import compact_benchmark
+        from ..bench.ratios import compact_benchmark
 
         result = compact_benchmark(
             hidden=hidden, d_ff=d_ff, layers=layers, keeps=tuple(keep or (0.5, 0.33)),
@@ -47,8 +47,8 @@ def bench(
         return
     from mlx_lm.utils import load_tokenizer
 
-    from ifp_mlx.bench import dense_vs_mlx_lm, synthetic_prompt
-    from ifp_mlx.load import read_config
+    from ..bench.ratios import dense_vs_mlx_lm, synthetic_prompt
+    from ..model.load import read_config
 
     path = resolve(model)
     read_config(path)

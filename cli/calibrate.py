@@ -21,11 +21,11 @@ def calibrate(
 
     Example: ifp calibrate smollm2-135m notes.txt code.jsonl --keep 0.5 --out static-0.5.safetensors
     """
-    from ifp_mlx.calibrate import calibrate as run_calibrate
-    from ifp_mlx.calibrate import read_texts
-    from ifp_mlx.load import load
-    from ifp_mlx.masks import save_mask
-    from ifp_mlx.selectors import resolve_k
+    from ..model.load import load
+    from ..model.masks import save_mask
+    from ..select.base import resolve_k
+    from ..select.calibrate import calibrate as run_calibrate
+    from ..select.calibrate import read_texts
 
     files = text_files or []
     texts = read_texts(files)

@@ -23,8 +23,8 @@ def convert(
 
     Example: ifp convert ./SmolLM2-135M-Instruct ./smollm2-mlx --dtype float16 -q --bits 8
     """
-    from ifp_mlx.convert import ConvertOptions
-    from ifp_mlx.convert import convert as run_convert
+    from ..convert import ConvertOptions
+    from ..convert import convert as run_convert
 
     options = ConvertOptions(dtype=dtype, quantize=quantize, bits=bits, group_size=group_size, force=force)
     with byte_progress("converting") as progress:

@@ -7,8 +7,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ifp_mlx.errors import IFPError
-
+from ..errors import IFPError
 from .app import app, log
 
 data_app = typer.Typer(
@@ -33,7 +32,7 @@ def build(
 
     Example: ifp data build ./data --domains code,math --limit 1000
     """
-    from ifp_mlx.data import build as run
+    from ..data.builders import build as run
 
     chosen = [d.strip() for d in domains.split(",") if d.strip()]
     if not chosen:
@@ -55,7 +54,7 @@ def check(
 
     Example: ifp data check my_pairs.jsonl
     """
-    from ifp_mlx.data import read_records, split_records
+    from ..data.records import read_records, split_records
 
     table = Table("file", "domain", "train", "heldout")
     for path in files:

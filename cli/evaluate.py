@@ -28,12 +28,12 @@ def evaluate_command(
 
     Example: ifp eval data/code.heldout.jsonl data/math.heldout.jsonl --keep 0.5 --selectors dense,static,predictor --mask static.safetensors
     """
-    from ifp_mlx.engine import Engine
-    from ifp_mlx.evaluate import evaluate, overlap_by_domain, read_examples
-    from ifp_mlx.files import atomic_file
-    from ifp_mlx.load import load
-    from ifp_mlx.predictor import has_predictor
-    from ifp_mlx.selectors import make_selector
+    from ..engine.engine import Engine
+    from ..evaluate.nll import evaluate, overlap_by_domain, read_examples
+    from ..files import atomic_file
+    from ..model.load import load
+    from ..select.choose import choose
+    from ..select.predictor import has_predictor
 
     examples = read_examples(files, limit)
     loaded = load(resolve(model), dense=False)
@@ -41,8 +41,11 @@ def evaluate_command(
         selectors = "dense,static,activations,random" + (",predictor" if predictor or has_predictor(loaded) else "")
     engines = {}
     for name in [s.strip() for s in selectors.split(",") if s.strip()]:
-        selector = make_selector(name, loaded, mask=str(mask) if mask and name == "static" else None, predictor=predictor)
-        engines[name] = Engine.create(loaded, selector, keep=None if name == "dense" else keep)
+        choice = choose(
+            loaded, name, None if name == "dense" else keep, mask=mask if name == "static" else None,
+            predictor=predictor if name == "predictor" else None,
+        )
+        engines[name] = Engine.for_choice(loaded, choice)
     with byte_progress("evaluating") as progress:
         task = progress.add_task("evaluating", total=None)
         results = evaluate(loaded, examples, engines, lambda d, t: progress.update(task, completed=d, total=t))

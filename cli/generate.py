@@ -6,8 +6,7 @@ from typing import Optional
 
 import typer
 
-from ifp_mlx.errors import IFPError
-
+from ..errors import IFPError
 from .app import app, err, resolve
 
 
@@ -32,8 +31,9 @@ def generate(
 
     Example: ifp generate "What is the capital of France?" --keep 0.5 --selector activations
     """
-    from ifp_mlx.generate import GenerationConfig, GenerationStats, prompt_tokens
-    from ifp_mlx.load import load
+    from ..engine.prompts import prompt_tokens
+    from ..engine.stats import GenerationConfig, GenerationStats
+    from ..model.load import load
 
     if max_tokens < 1:
         raise IFPError(f"--max-tokens must be at least 1 (got {max_tokens})")
@@ -58,21 +58,8 @@ def generate(
 
 
 def build_engine(loaded, selector, keep, k, mask, predictor, seed):
-    """The engine for the selection options; none of --keep/--k/--selector/--mask/--predictor means dense.
+    """The engine for the selection options (see ``ifp_mlx.select.choose``)."""
+    from ifp_mlx.engine.engine import Engine
+    from ifp_mlx.select.choose import choose
 
-    Without --keep/--k, a mask file keeps its own k, a predictor its own keep
-    ratio, and the other selectors keep half.
-    """
-    from ifp_mlx.engine import Engine
-    from ifp_mlx.selectors import default_selector, default_size, make_selector
-
-    if selector is None:
-        pruning = keep is not None or k is not None or mask is not None or predictor is not None
-        selector = default_selector(loaded, mask, predictor) if pruning else "dense"
-    if mask is not None and selector != "static":
-        raise IFPError("--mask goes with --selector static")
-    chosen = make_selector(selector, loaded, mask=mask, seed=seed or 0, predictor=predictor)
-    if selector == "dense":
-        return Engine.create(loaded, chosen)
-    keep, k = default_size(chosen, keep, k)
-    return Engine.create(loaded, chosen, keep=keep, k=k)
+    return Engine.for_choice(loaded, choose(loaded, selector, keep, k, mask, predictor, seed or 0))

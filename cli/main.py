@@ -6,8 +6,7 @@ Every command's help ends with an example. Errors the user can fix
 
 import sys
 
-from ifp_mlx.errors import IFPError
-
+from ..errors import IFPError
 from . import (  # noqa: F401  (each import registers its commands)
     bench,
     calibrate,

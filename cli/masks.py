@@ -5,8 +5,7 @@ from typing import Optional
 
 import typer
 
-from ifp_mlx.errors import IFPError
-
+from ..errors import IFPError
 from .app import app, err, resolve
 
 SHOWN = 8  # indices printed per layer without --full
@@ -35,23 +34,19 @@ def masks(
 
     Example: ifp masks "Write a Python sort" "Solve 3x + 5 = 11" --selector predictor --keep 0.5
     """
-    from ifp_mlx.generate import prompt_tokens
-    from ifp_mlx.load import load
-    from ifp_mlx.masks import mask_overlap, save_mask
-    from ifp_mlx.selectors import default_selector, default_size, make_selector, resolve_k
+    from ..engine.prompts import prompt_tokens
+    from ..model.load import load
+    from ..model.masks import mask_overlap, save_mask
+    from ..select.choose import choose
 
     named = ([("task", task)] if task is not None else []) + [(str(i + 1), p) for i, p in enumerate(prompts or [])]
     if not named:
         raise IFPError("give at least one PROMPT (or --task)")
     loaded = load(resolve(model), dense=False)
-    if selector is None:
-        selector = default_selector(loaded, mask, predictor)
     if selector == "dense":
         raise IFPError("--selector dense keeps every channel: choose a pruning selector")
-    if mask is not None and selector != "static":
-        raise IFPError("--mask goes with --selector static")
-    chosen = make_selector(selector, loaded, mask=mask, seed=seed or 0, predictor=predictor)
-    k_value = resolve_k(loaded.d_ff, *default_size(chosen, keep, k))
+    choice = choose(loaded, selector, keep, k, mask, predictor, seed or 0, prune=True)
+    chosen, k_value = choice.selector, choice.k
     selections = []
     for name, text in named:
         tokens = prompt_tokens(loaded.tokenizer, text, system, chat_template=not no_chat_template)
@@ -61,7 +56,7 @@ def masks(
     _print_overlap([name for name, _ in named], selections, lambda a, b: mask_overlap(a, b, loaded.d_ff))
     if save is not None:
         name, text = named[0]
-        info = {"selector": selector, "k": k_value, "task" if name == "task" else "prompt": text}
+        info = {"selector": chosen.name, "k": k_value, "task" if name == "task" else "prompt": text}
         path = save_mask(save, selections[0], loaded.config, info)
         err.print(f"wrote {path}: the {'task' if name == 'task' else 'first prompt'}'s mask, k {k_value}/{loaded.d_ff} per layer", highlight=False)
 

@@ -19,7 +19,7 @@ def pull(
 
     Example: ifp pull qwen2.5-coder-0.5b
     """
-    from ifp_mlx import registry
+    from ..convert import registry
 
     registry.lookup(name)
     start = time.perf_counter()
@@ -40,7 +40,7 @@ def list_models(
 
     from rich.table import Table
 
-    from ifp_mlx import registry
+    from ..convert import registry
 
     table = Table("name", "dtype", "quantization", "parameters", "size", "path")
     for path in registry.cached_models():

@@ -24,7 +24,7 @@ def convert_predictor(
 
     Example: ifp convert-predictor ./step_00001000 ./smollm2-mlx/predictor --model ./smollm2-mlx
     """
-    from ifp_mlx.convert.predictor import convert_predictor as run
+    from ..convert.predictor import convert_predictor as run
 
     path = run(src, out, resolve(model), backbone_config, tokenizer, activation, keep, dtype, force)
     err.print(f"wrote predictor {path}", highlight=False)

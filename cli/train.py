@@ -40,10 +40,10 @@ def train(
 
     Example: ifp train data/code.train.jsonl data/math.train.jsonl --out smollm2-predictor --stage distill --steps 300
     """
-    from ifp_mlx.data import read_records
-    from ifp_mlx.errors import IFPError
-    from ifp_mlx.load import load
-    from ifp_mlx.train import (
+    from ..data.records import read_records
+    from ..errors import IFPError
+    from ..model.load import load
+    from ..train.trainer import (
         TrainConfig,
         Trainer,
         checkpoint_state,

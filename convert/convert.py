@@ -22,11 +22,10 @@ from typing import Callable, Optional
 import mlx.core as mx
 import numpy as np
 
-from ifp_mlx import __version__
-from ifp_mlx.bank import channel_records
-from ifp_mlx.families import UnsupportedFamily, family_for
-from ifp_mlx.files import atomic_folder
-
+from .. import __version__
+from ..files import atomic_folder
+from ..model.bank import channel_records
+from ..model.families import UnsupportedFamily, family_for
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import ConversionError
 from .safetensors_io import SafetensorsWriter

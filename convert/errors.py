@@ -3,7 +3,7 @@
 The CLI prints its message as a single line; anything else is a bug.
 """
 
-from ifp_mlx.errors import IFPError
+from ..errors import IFPError
 
 
 class ConversionError(IFPError):

@@ -27,17 +27,16 @@ from typing import Optional
 
 import mlx.core as mx
 
-from ifp_mlx.load import read_config
-from ifp_mlx.masks import model_fingerprint
-from ifp_mlx.predictor import (
+from ..files import atomic_folder
+from ..model.load import read_config
+from ..model.masks import model_fingerprint
+from ..select.predictor import (
     ACTIVATIONS,
     BACKBONE_FOLDER,
     DEFAULT_KEEP,
     Predictor,
-    atomic_folder,
     write_predictor_files,
 )
-
 from .checkpoint import (
     TORCH_SUFFIXES,
     normalize_config,

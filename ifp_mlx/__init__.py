@@ -1,6 +1,6 @@
 """ifp-mlx: Instruction-Following Pruning on MLX."""
 
-from ifp_mlx import blas as _blas
+from . import blas as _blas
 
 _blas.preload_openblas()
 

@@ -25,10 +25,10 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
 # isort: on
-from ifp_mlx.bench import alternate, synthetic_prompt
-from ifp_mlx.engine import Engine
-from ifp_mlx.load import load
-from ifp_mlx.predictor import PredictorSelector, create_predictor, save_predictor
+from ifp_mlx.bench.ratios import alternate, synthetic_prompt
+from ifp_mlx.engine.engine import Engine
+from ifp_mlx.model.load import load
+from ifp_mlx.select.predictor import PredictorSelector, create_predictor, save_predictor
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "tests" / ".cache" / "smollm2-f32"
 

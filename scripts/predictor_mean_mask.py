@@ -15,13 +15,14 @@ import ifp_mlx  # noqa: F401  (first: it preloads OpenBLAS before mlx.core)
 import mlx.core as mx
 
 # isort: on
-from ifp_mlx.data import read_records
-from ifp_mlx.generate import prompt_tokens
-from ifp_mlx.load import load
-from ifp_mlx.masks import save_mask
-from ifp_mlx.predictor import PredictorSelector
-from ifp_mlx.registry import DEFAULT_MODEL, resolve_model
-from ifp_mlx.selectors import resolve_k, top_k
+from ifp_mlx.convert.registry import DEFAULT_MODEL, resolve_model
+
+from ifp_mlx.data.records import read_records
+from ifp_mlx.engine.prompts import prompt_tokens
+from ifp_mlx.model.load import load
+from ifp_mlx.model.masks import save_mask
+from ifp_mlx.select.base import resolve_k, top_k
+from ifp_mlx.select.predictor import PredictorSelector
 
 
 def main() -> None:

@@ -15,8 +15,12 @@ import argparse
 from pathlib import Path
 
 from ifp_mlx.files import atomic_folder
-from ifp_mlx.load import load
-from ifp_mlx.predictor import SHIPPED_FOLDER, load_predictor, write_predictor_files
+from ifp_mlx.model.load import load
+from ifp_mlx.select.predictor import (
+    SHIPPED_FOLDER,
+    load_predictor,
+    write_predictor_files,
+)
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ mx.set_cache_limit(1 << 30)
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    from ifp_mlx.registry import fetch_source
+    from ifp_mlx.convert.registry import fetch_source
 
     return fetch_source("smollm2-135m", log=lambda m: None)
 
@@ -61,7 +61,7 @@ def smollm2_hf(smollm2_gguf) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_loaded(smollm2_dir):
-    from ifp_mlx.load import load
+    from ifp_mlx.model.load import load
 
     return load(smollm2_dir)
 

@@ -4,19 +4,19 @@ import json
 
 import mlx.core as mx
 import pytest
+from ifp_mlx.convert.random_model import build_random_model, random_llama_config
 
-from ifp_mlx.bench import (
+from ifp_mlx.bench.ratios import (
     alternate,
-    build_random_model,
     compact_vs_dense,
     gather_shares,
-    random_llama_config,
     random_tokens,
     run_engine,
 )
-from ifp_mlx.engine import Engine
-from ifp_mlx.load import load
-from ifp_mlx.selectors import make_selector, resolve_k
+from ifp_mlx.engine.engine import Engine
+from ifp_mlx.model.load import load
+from ifp_mlx.select.base import resolve_k
+from ifp_mlx.select.choose import make_selector
 
 HIDDEN, D_FF, LAYERS, VOCAB, KEEP = 64, 96, 2, 300, 0.5
 

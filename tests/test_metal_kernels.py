@@ -19,18 +19,18 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from ifp_mlx import gather as gather_mod
-from ifp_mlx.bank import Bank, CompactFFN, quantize_records
-from ifp_mlx.gather import (
+from ifp_mlx.gather import metal as gather_mod
+from ifp_mlx.gather.backend import gather
+from ifp_mlx.gather.metal import (
     KERNELS,
     compact_from_outputs,
-    gather,
     gather_metal,
-    gather_portable,
     kernel_launch,
     kernel_source,
-    round_k,
 )
+from ifp_mlx.model.bank import Bank, CompactFFN, quantize_records
+from ifp_mlx.model.bank import gather_rows as gather_portable
+from ifp_mlx.select.base import round_k
 
 TESTS = Path(__file__).parent
 

@@ -14,19 +14,20 @@ from ifp_mlx.convert.errors import ConversionError
 from ifp_mlx.convert.predictor import convert_predictor
 from tiny import tiny_config, tiny_weights, write_hf_folder
 
-from ifp_mlx.engine import Engine
+from ifp_mlx.engine.engine import Engine
+from ifp_mlx.engine.prompts import prompt_tokens
+from ifp_mlx.engine.stats import GenerationConfig, GenerationStats
 from ifp_mlx.errors import IFPError
-from ifp_mlx.generate import GenerationConfig, GenerationStats, prompt_tokens
-from ifp_mlx.load import load
-from ifp_mlx.masks import mask_overlap
-from ifp_mlx.predictor import (
+from ifp_mlx.model.load import load
+from ifp_mlx.model.masks import mask_overlap
+from ifp_mlx.select.choose import make_selector
+from ifp_mlx.select.predictor import (
     PredictorSelector,
     create_predictor,
     load_predictor,
     pad_batch,
     save_predictor,
 )
-from ifp_mlx.selectors import make_selector
 
 torch = pytest.importorskip("torch")
 
@@ -342,8 +343,17 @@ def test_smollm2_shared4_predictor_generates(smollm2, tmp_path):
 def test_shipped_predictor_works_out_of_the_box(smollm2):
     """The default model needs no --predictor: the package ships one for it, and its
     masks still depend on the prompt (the trainer's collapse bar on its probe prompts)."""
-    from ifp_mlx.predictor import has_predictor, load_predictor, shipped_predictor
-    from ifp_mlx.train import COLLAPSE_OVERLAP, diversity_pairs, mask_diversity, prompt_features
+    from ifp_mlx.select.predictor import (
+        has_predictor,
+        load_predictor,
+        shipped_predictor,
+    )
+    from ifp_mlx.train.trainer import (
+        COLLAPSE_OVERLAP,
+        diversity_pairs,
+        mask_diversity,
+        prompt_features,
+    )
 
     folder = shipped_predictor(smollm2.config)
     assert folder is not None and has_predictor(smollm2)

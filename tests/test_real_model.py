@@ -7,8 +7,9 @@ from ifp_mlx.convert import ConvertOptions, convert
 from safetensors.numpy import load_file
 from test_convert import assert_same_arrays, converted_arrays
 
-from ifp_mlx.engine import Engine
-from ifp_mlx.generate import GenerationConfig, GenerationStats, prompt_tokens
+from ifp_mlx.engine.engine import Engine
+from ifp_mlx.engine.prompts import prompt_tokens
+from ifp_mlx.engine.stats import GenerationConfig, GenerationStats
 
 
 def test_gguf_safetensors_and_pytorch_give_identical_weights(smollm2_dir, smollm2_hf, tmp_path):

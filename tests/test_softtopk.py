@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from ifp_mlx.softtopk import soft_top_k, topk_indicator, topk_mask
+from ifp_mlx.train.softtopk import soft_top_k, topk_indicator, topk_mask
 
 
 def scores(shape, seed=0, scale=3.0) -> mx.array:

@@ -9,9 +9,9 @@ from ifp_mlx.convert import ConvertOptions, convert
 from mlx.utils import tree_flatten
 from tiny import write_hf_folder
 
-from ifp_mlx.load import load
-from ifp_mlx.predictor import load_predictor
-from ifp_mlx.train import (
+from ifp_mlx.model.load import load
+from ifp_mlx.select.predictor import load_predictor
+from ifp_mlx.train.trainer import (
     COLLAPSE_OVERLAP,
     TrainConfig,
     Trainer,
@@ -56,7 +56,7 @@ def full_loss(trainer: Trainer) -> float:
     rows = mx.arange(len(trainer.pairs))
     if trainer.config.stage == "distill":
         return trainer._loss(rows).item()
-    from ifp_mlx.train import sequence_batch
+    from ifp_mlx.train.trainer import sequence_batch
 
     tokens, mask = sequence_batch(trainer.pairs)
     return trainer._loss(rows, tokens=tokens, loss_mask=mask).item()
@@ -64,7 +64,7 @@ def full_loss(trainer: Trainer) -> float:
 
 def test_gradients_reach_the_predictor(tiny, tmp_path):
     trainer = make_trainer(tiny, tmp_path, stage="sft")
-    from ifp_mlx.train import sequence_batch
+    from ifp_mlx.train.trainer import sequence_batch
 
     tokens, mask = sequence_batch(trainer.pairs[:3])
     loss, grads = trainer.loss_and_grad(mx.arange(3), tokens=tokens, loss_mask=mask)
@@ -124,8 +124,8 @@ def test_lora_trains_adapters_and_merges(tiny, tmp_path):
 
 
 def test_init_mask_starts_as_that_static_mask(tiny, tmp_path):
-    from ifp_mlx.masks import save_mask
-    from ifp_mlx.selectors import top_k
+    from ifp_mlx.model.masks import save_mask
+    from ifp_mlx.select.base import top_k
 
     loaded = load(tiny, dense=False)
     indices = mx.array(np.sort(np.random.default_rng(1).permutation(64)[:32]).astype(np.uint32))
@@ -141,7 +141,7 @@ def test_init_mask_starts_as_that_static_mask(tiny, tmp_path):
 
 def test_collapse_warning_fires_only_when_masks_stop_depending_on_the_prompt(tiny, tmp_path):
     """A predictor that is one static mask (zero weights) is collapsed; a fresh one is not."""
-    from ifp_mlx.masks import save_mask
+    from ifp_mlx.model.masks import save_mask
 
     loaded = load(tiny, dense=False)
     indices = mx.stack([mx.arange(0, 64, 2, dtype=mx.uint32)] * loaded.num_layers)

@@ -1,18 +1,12 @@
-"""Tiny random-weight Hugging Face checkpoints, built in the tests.
+"""Tiny random-weight Hugging Face checkpoints of every family, built in the tests,
+so every family can be round-tripped through every input format in milliseconds."""
 
-Weights come from mlx-lm's own model classes (random init), saved under HF
-names, with a small byte-level BPE tokenizer, so every family can be
-round-tripped through every input format in milliseconds.
-"""
-
-import json
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
-from mlx_lm.utils import _get_classes
+from ifp_mlx.convert.random_model import random_weights, write_random_hf_folder
 
+SPECIALS = ("<|im_start|>", "<|im_end|>", "<|pad|>")  # bos, eos, pad
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -58,56 +52,15 @@ def tiny_config(family: str, **overrides) -> dict:
 
 def tiny_weights(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
     """Random float32 weights under Hugging Face names."""
-    mx.random.seed(seed)
-    model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))
-    weights = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
-    rng = np.random.default_rng(seed)
-    for name in weights:
-        if name.endswith("norm.weight"):  # make norms non-trivial
-            weights[name] = (weights[name] + rng.normal(0, 0.1, weights[name].shape)).astype(np.float32)
-    if config.get("tie_word_embeddings"):
-        weights.pop("lm_head.weight", None)
-    return weights
-
-
-def write_tokenizer(folder: Path) -> None:
-    """A byte-level BPE tokenizer: 256 bytes, three specials, a few merges."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    byte_chars = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {c: i for i, c in enumerate(sorted(byte_chars))}
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab) + 3
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    from tokenizers import AddedToken
-
-    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>", "<|pad|>")])
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<|im_start|>",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|pad|>",
-        "chat_template": CHAT_TEMPLATE,
-    }))
+    return random_weights(config, seed)
 
 
 def write_hf_folder(folder: Path, family: str, fmt: str = "safetensors", seed: int = 0, **overrides) -> dict[str, np.ndarray]:
     """Write a tiny HF model folder; returns its float32 weights."""
-    from safetensors.numpy import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
     config = tiny_config(family, **overrides)
-    weights = tiny_weights(config, seed)
-    (folder / "config.json").write_text(json.dumps(config))
-    write_tokenizer(folder)
-    if fmt == "safetensors":
-        save_file(weights, str(folder / "model.safetensors"))
-    else:
+    weights = write_random_hf_folder(folder, config, seed, SPECIALS, CHAT_TEMPLATE)
+    if fmt != "safetensors":
+        (folder / "model.safetensors").unlink()
         save_torch(weights, folder / "pytorch_model.bin", legacy=fmt == "pytorch-legacy")
     return weights
 

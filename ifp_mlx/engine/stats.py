@@ -1,13 +1,30 @@
-"""Prompts, generation settings and the statistics users see after a reply.
-
-The decode loop, sampling, KV cache and UTF-8-safe streaming detokenizer are
-mlx-lm's (``stream_generate``), driven by ``ifp_mlx.engine.Engine``.
-"""
+"""Generation settings and the statistics users see after a reply."""
 
 from dataclasses import dataclass, field
 from typing import Optional
 
-from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+@dataclass
+class SubmodelInfo:
+    k: int
+    total_channels: int
+    requested_k: Optional[int]
+    active_parameters: int
+    total_parameters: int
+    gathered: bool  # False when the submodel came from the cache (or is dense)
+    gathers: int = 0  # gathers this engine has done so far
+    selector: str = "dense"  # the name of the selector that chose the channels
+
+    def describe(self) -> str:
+        if self.k == self.total_channels:
+            return f"dense ({self.total_parameters / 1e6:.0f}M params)"
+        rounded = f" (asked {self.requested_k}, rounded up to a multiple of 8)" if self.requested_k not in (None, self.k) else ""
+        source = "gathered" if self.gathered else "cached submodel"
+        return (
+            f"{self.selector}: k {self.k}/{self.total_channels} per layer{rounded}, "
+            f"{self.active_parameters / 1e6:.0f}M/{self.total_parameters / 1e6:.0f}M params active, "
+            f"{source}, gathers {self.gathers}"
+        )
 
 
 @dataclass
@@ -28,7 +45,7 @@ class GenerationStats:
     peak_memory_gb: float = 0.0
     finish_reason: Optional[str] = None
     phases: dict = field(default_factory=dict)  # seconds spent before the first token, by phase
-    submodel: Optional[object] = None  # engine.SubmodelInfo
+    submodel: Optional[SubmodelInfo] = None
 
     def summary(self) -> str:
         parts = [
@@ -42,15 +59,3 @@ class GenerationStats:
         if self.submodel is not None:
             parts.append(self.submodel.describe())
         return " | ".join(parts)
-
-
-def prompt_tokens(
-    tokenizer: TokenizerWrapper, prompt: str, system: Optional[str] = None, chat_template: bool = True
-) -> list[int]:
-    """Token ids of the prompt, through the chat template when there is one."""
-    if chat_template and tokenizer.chat_template is not None:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
-    text = f"{system}\n\n{prompt}" if system else prompt
-    return tokenizer.encode(text)

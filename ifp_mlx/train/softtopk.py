@@ -24,7 +24,7 @@ import math
 
 import mlx.core as mx
 
-from .selectors import top_k
+from ..select.base import top_k
 
 
 def _check(n: int, k: int, temperature: float) -> None:

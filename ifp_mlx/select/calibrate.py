@@ -12,10 +12,12 @@ from typing import Callable, Iterable, Optional
 
 import mlx.core as mx
 
-from .data import read_records
-from .errors import IFPError
-from .load import LoadedModel
-from .selectors import ActivationScores, top_k, weight_norm_scores
+from ..data.records import read_records
+from ..errors import IFPError
+from ..model.load import LoadedModel
+from .activations import ActivationScores
+from .base import top_k
+from .static import weight_norm_scores
 
 CHUNK_TOKENS = 512
 

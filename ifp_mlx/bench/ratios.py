@@ -14,7 +14,6 @@ Two benchmarks:
   speed, and they keep the benchmark self-contained: no download.
 """
 
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -28,10 +27,12 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes
 
-from .engine import Engine
-from .generate import GenerationConfig, GenerationStats
-from .load import LoadedModel, load
-from .selectors import make_selector, resolve_k
+from ..convert.random_model import build_random_model, random_llama_config
+from ..engine.engine import Engine
+from ..engine.stats import GenerationConfig, GenerationStats
+from ..model.load import LoadedModel, load
+from ..select.base import resolve_k
+from ..select.choose import make_selector
 
 T = TypeVar("T")
 
@@ -162,82 +163,6 @@ def synthetic_prompt(tokenizer, length: int) -> list[int]:
     """A prompt of exactly ``length`` tokens of ordinary English."""
     ids = tokenizer.encode(FILLER * (length // 20 + 2), add_special_tokens=False)
     return ids[:length]
-
-
-# --- random-weight models -------------------------------------------------------
-
-
-def random_llama_config(hidden: int, d_ff: int, layers: int, vocab: int = 2048) -> dict:
-    """A llama config of the given shapes (head_dim 64, 4 query heads per KV head).
-
-    No ``eos_token_id``, and the tokenizer has none either: random weights
-    would otherwise stop a timed reply at an arbitrary length.
-    """
-    heads = max(1, hidden // 64)
-    return {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_act": "silu",
-        "hidden_size": hidden,
-        "intermediate_size": d_ff,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 4),
-        "head_dim": hidden // heads,
-        "rms_norm_eps": 1e-5,
-        "vocab_size": vocab,
-        "rope_theta": 10000.0,
-        "max_position_embeddings": 4096,
-        "tie_word_embeddings": True,
-    }
-
-
-def write_byte_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer with exactly ``vocab_size`` tokens.
-
-    256 byte tokens plus generated two-byte merges, so every id a random model
-    can emit decodes through mlx-lm's fast BPE streaming detokenizer.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    if vocab_size < 256:
-        raise ValueError(f"a byte-level tokenizer needs vocab_size >= 256, got {vocab_size}")
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    merges = [(alphabet[i // 256], alphabet[i % 256]) for i in range(vocab_size - 256)]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-
-
-def random_weights(config: dict, seed: int = 0) -> dict[str, mx.array]:
-    """mlx-lm's own random initialisation of the model, under Hugging Face names."""
-    mx.random.seed(seed)
-    model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))
-    return dict(tree_flatten(model.parameters()))
-
-
-def build_random_model(out: Path, config: dict, seed: int = 0) -> Path:
-    """Write a random-weight HF folder and convert it (float32) into ``out``.
-
-    Going through the real converter means the benchmark measures exactly
-    the folders users get.
-    """
-    from .convert import ConvertOptions, convert
-
-    out = Path(out)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        source = Path(tmp)
-        (source / "config.json").write_text(json.dumps(config))
-        write_byte_tokenizer(source, config["vocab_size"])
-        mx.save_safetensors(str(source / "model.safetensors"), random_weights(config, seed))
-        convert(source, out, ConvertOptions(dtype="float32", force=True))
-    return out
 
 
 def random_tokens(n: int, vocab: int, seed: int = 0) -> list[int]:

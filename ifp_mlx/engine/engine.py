@@ -8,7 +8,6 @@ every submodel is a dense compact copy: no per-token weight reloading.
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import mlx.core as mx
@@ -20,42 +19,24 @@ from mlx_lm.models.cache import (
 )
 from mlx_lm.sample_utils import make_sampler
 
-from .bank import Bank, CompactFFN
-from .gather import gather
-from .generate import GenerationConfig, GenerationStats
-from .load import LoadedModel
-from .selectors import PREFILL_STEP, DenseSelector, Selection, resolve_k
-
-
-@dataclass
-class SubmodelInfo:
-    k: int
-    total_channels: int
-    requested_k: Optional[int]
-    active_parameters: int
-    total_parameters: int
-    gathered: bool  # False when the submodel came from the cache (or is dense)
-    gathers: int = 0  # gathers this engine has done so far
-    selector: str = "dense"  # the name of the selector that chose the channels
-
-    def describe(self) -> str:
-        if self.k == self.total_channels:
-            return f"dense ({self.total_parameters / 1e6:.0f}M params)"
-        rounded = f" (asked {self.requested_k}, rounded up to a multiple of 8)" if self.requested_k not in (None, self.k) else ""
-        source = "gathered" if self.gathered else "cached submodel"
-        return (
-            f"{self.selector}: k {self.k}/{self.total_channels} per layer{rounded}, "
-            f"{self.active_parameters / 1e6:.0f}M/{self.total_parameters / 1e6:.0f}M params active, "
-            f"{source}, gathers {self.gathers}"
-        )
+from ..gather.backend import gather
+from ..model.bank import Bank, CompactFFN, check_indices
+from ..model.load import LoadedModel
+from ..select.base import PREFILL_STEP, Selection, Selector
+from ..select.basic import DenseSelector
+from ..select.choose import Choice, sized
+from .stats import GenerationConfig, GenerationStats, SubmodelInfo
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, selector=None, k: Optional[int] = None, cache_size: int = 4):
+    def __init__(
+        self, loaded: LoadedModel, selector: Optional[Selector] = None, k: Optional[int] = None,
+        requested_k: Optional[int] = None, cache_size: int = 4,
+    ):
         self.loaded = loaded
         self.selector = selector or DenseSelector()
-        self.k = k if k is not None else loaded.d_ff
-        self.requested_k: Optional[int] = None
+        self.k = k if k is not None else self.selector.default_k(loaded.d_ff)
+        self.requested_k = requested_k
         self.cache_size = cache_size
         self.submodels: OrderedDict[bytes, CompactFFN] = OrderedDict()
         self.gathers = 0
@@ -65,23 +46,24 @@ class Engine:
             mx.set_cache_limit(1 << 30)
 
     @classmethod
-    def create(cls, loaded: LoadedModel, selector, keep: Optional[float] = None, k: Optional[int] = None) -> "Engine":
-        engine = cls(loaded, selector, resolve_k(loaded.d_ff, keep, k))
-        engine.requested_k = k if k is not None else (round(keep * loaded.d_ff) if keep is not None else None)
-        return engine
+    def for_choice(cls, loaded: LoadedModel, choice: Choice) -> "Engine":
+        return cls(loaded, choice.selector, choice.k, choice.requested_k)
+
+    @classmethod
+    def create(cls, loaded: LoadedModel, selector: Selector, keep: Optional[float] = None, k: Optional[int] = None) -> "Engine":
+        """An engine for ``selector`` at the size named (or the selector's default)."""
+        return cls.for_choice(loaded, sized(selector, loaded.d_ff, keep, k))
 
     @property
     def bank(self) -> Bank:
         return self.loaded.bank()
 
-
     def warm_up(self) -> None:
         """Read what the first reply needs (bank and/or dense FFN) before timing it."""
-        if isinstance(self.selector, DenseSelector) or getattr(self.selector, "needs_dense", False):
+        if self.selector.needs_dense:
             self.loaded.dense_ffn()
         if not isinstance(self.selector, DenseSelector):
             self.bank
-
 
     def submodel(self, selection: Selection) -> tuple[CompactFFN, bool]:
         """The compact FFN of a selection, gathered or from the cache."""
@@ -100,7 +82,12 @@ class Engine:
         return ffn, True
 
     def select(self, tokens: list[int]) -> Selection:
-        return self.selector.select(tokens, self.k)
+        """The selector's choice for ``tokens``, its channel numbers checked once here."""
+        selection = self.selector.select(tokens, self.k)
+        if selection.indices is not None:
+            L = self.loaded.num_layers
+            selection.indices = check_indices(selection.indices, L, self.loaded.d_ff, f"the {self.selector.name} selection")
+        return selection
 
     def set_task(self, task_tokens: list[int]) -> Selection:
         """Per-task mode: choose the mask once from the instruction, reuse it."""

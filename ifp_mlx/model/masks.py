@@ -13,8 +13,9 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from .errors import IFPError
-from .files import atomic_file
+from ..errors import IFPError
+from ..files import atomic_file
+from .bank import check_indices
 
 PROBE_TOLERANCE = 0.05  # the probe survives dtype changes and 8-bit quantization
 
@@ -67,6 +68,8 @@ def load_mask(path: str | Path, config: dict) -> tuple[mx.array, dict]:
     except (KeyError, ValueError, RuntimeError, json.JSONDecodeError):
         raise IFPError(f"{path}: not an ifp mask file")
     check_fingerprint(fingerprint, config, f"mask {path.name}")
+    bank = config["ifp"]["bank"]
+    indices = check_indices(indices, bank["num_layers"], bank["d_ff"], f"mask {path.name}")
     return indices, json.loads(metadata.get("info", "{}"))
 
 

@@ -35,13 +35,12 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
-from .bank import Bank, CompactFFN
-from .errors import IFPError
-from .files import atomic_folder
-from .gather import dense_ffn
-from .load import LoadedModel, load
-from .masks import check_fingerprint, model_fingerprint
-from .selectors import PREFILL_STEP, Selection, top_k
+from ..errors import IFPError
+from ..files import atomic_folder
+from ..model.bank import Bank, CompactFFN, dense_ffn
+from ..model.load import LoadedModel, load
+from ..model.masks import check_fingerprint, model_fingerprint
+from .base import PREFILL_STEP, Selection, resolve_k, top_k
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -307,6 +306,9 @@ class PredictorSelector:
         predictor, config = load_predictor(path, loaded)
         return cls(loaded, predictor, config.get("keep", DEFAULT_KEEP))
 
+    def default_k(self, d_ff: int) -> int:
+        return resolve_k(d_ff, self.keep)
+
     def scores(self, tokens: list[int]) -> mx.array:
         """Scores ``[L, d_ff]`` of one prompt given in the target's tokens."""
         prompt = self.predictor.backbone.encode(tokens, self.loaded.tokenizer)
@@ -331,7 +333,7 @@ def has_predictor(loaded: LoadedModel) -> bool:
 
 def shipped_predictor(config: dict) -> Optional[Path]:
     """A predictor shipped in the package (``ifp_mlx/predictors/``) made for this model."""
-    root = Path(__file__).parent / SHIPPED_FOLDER
+    root = Path(__file__).parent.parent / SHIPPED_FOLDER
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         try:
             check_fingerprint(read_predictor_config(folder)["target"], config, "shipped predictor")

@@ -35,19 +35,20 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .errors import IFPError
-from .files import atomic_file, atomic_folder
-from .generate import prompt_tokens
-from .load import LoadedModel
-from .masks import mask_overlap
-from .predictor import (
+from ..engine.prompts import prompt_tokens
+from ..errors import IFPError
+from ..files import atomic_file, atomic_folder
+from ..model.load import LoadedModel
+from ..model.masks import mask_overlap
+from ..select.activations import ActivationScores
+from ..select.base import resolve_k, top_k
+from ..select.predictor import (
     Predictor,
     create_predictor,
     load_predictor,
     pad_batch,
     save_predictor,
 )
-from .selectors import ActivationScores, resolve_k, top_k
 from .softtopk import topk_mask
 
 STAGES = ("distill", "sft", "pretrain")
@@ -399,7 +400,7 @@ def start_predictor(
     mx.random.seed(config.seed)
     predictor = create_predictor(loaded, config.backbone, config.head_hidden, config.activation)
     if init_mask is not None:
-        from .masks import load_mask
+        from ..model.masks import load_mask
 
         indices = np.array(load_mask(init_mask, loaded.config)[0]).astype(np.int64)
         bias = -np.ones((loaded.num_layers, loaded.d_ff), np.float32)

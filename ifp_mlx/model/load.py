@@ -16,11 +16,10 @@ import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_tokenizer
 
-from .bank import Bank, CompactFFN
-from .errors import IFPError
+from ..errors import IFPError
+from .bank import Bank, CompactFFN, dense_ffn
 from .families import UnsupportedFamily, family_for
 from .ffn import CompactMLP
-from .gather import dense_ffn
 
 
 @dataclass

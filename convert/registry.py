@@ -18,7 +18,8 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from .errors import IFPError
+from ..errors import IFPError
+from .convert import ConvertOptions, convert
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -110,8 +111,6 @@ def pull(
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> Path:
     """Fetch, check and convert a named model; returns its cached folder."""
-    from ifp_mlx.convert import ConvertOptions, convert
-
     spec = lookup(name)
     out = model_path(name)
     if out.exists() and not force:

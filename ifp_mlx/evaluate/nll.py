@@ -18,12 +18,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .data import read_records
-from .engine import Engine
-from .errors import IFPError
-from .generate import prompt_tokens
-from .load import LoadedModel
-from .masks import mask_overlap
+from ..data.records import read_records
+from ..engine.engine import Engine
+from ..engine.prompts import prompt_tokens
+from ..errors import IFPError
+from ..model.load import LoadedModel
+from ..model.masks import mask_overlap
 
 MAX_RESPONSE_TOKENS = 128
 

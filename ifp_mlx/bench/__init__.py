@@ -1,0 +1,1 @@
+"""Bench: speed and memory figures, measured as ratios inside one run."""

@@ -1,0 +1,1 @@
+"""Data: the jsonl record format, and builders that read packaged datasets into it."""

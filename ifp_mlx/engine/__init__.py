@@ -1,0 +1,1 @@
+"""Engine: select -> gather -> prefill -> decode, one mask per reply, streamed."""

@@ -1,0 +1,1 @@
+"""Evaluate: what a selector and keep ratio cost, measured on held-out data."""

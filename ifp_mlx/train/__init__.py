@@ -1,0 +1,1 @@
+"""Train: the sparsity predictor (and adapters) through the masked model, in MLX."""
