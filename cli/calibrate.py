@@ -1,4 +1,4 @@
-"""`ifp calibrate`: a static mask from calibration text (or weight norms)."""
+"""`ifp calibrate`: a static mask from calibration text (or the built-in text)."""
 
 from pathlib import Path
 from typing import Optional
@@ -11,7 +11,7 @@ from .app import app, byte_progress, err, resolve
 @app.command()
 def calibrate(
     model: str = typer.Argument(..., help="model folder or named model"),
-    text_files: Optional[list[Path]] = typer.Argument(None, help="calibration text (.txt, or .jsonl with text/prompt/response); none: weight norms"),
+    text_files: Optional[list[Path]] = typer.Argument(None, help="calibration text (.txt, or .jsonl with text/prompt/response); none: the built-in calibration text"),
     out: Path = typer.Option(..., "--out", "-o", help="mask file to write (.safetensors)"),
     keep: Optional[float] = typer.Option(None, "--keep", help="fraction of FFN channels kept per layer (default 0.5)"),
     k: Optional[int] = typer.Option(None, "--k", help="FFN channels kept per layer"),
@@ -37,6 +37,6 @@ def calibrate(
             loaded, texts, k_value, max_tokens=max_tokens,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
-    info = {"selector": "static", "source": "activations" if texts else "weight norms", "files": [str(f) for f in files], "k": k_value}
+    info = {"selector": "static", "source": "activations" if texts else "built-in text", "files": [str(f) for f in files], "k": k_value}
     path = save_mask(out, indices, loaded.config, info)
     err.print(f"wrote {path}: k {k_value}/{loaded.d_ff} per layer from {info['source']}", highlight=False)

