@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 from ifp_mlx.convert import ConvertOptions, convert
 from mlx.utils import tree_flatten
+from mlx_lm.tuner.lora import LoRALinear
 from tiny import write_hf_folder
 
+from ifp_mlx.errors import IFPError
 from ifp_mlx.model.load import load
 from ifp_mlx.select.predictor import load_predictor
+from ifp_mlx.train.lora import ATTENTION_KEYS, LORA_SCALE, add_lora, merge_lora
 from ifp_mlx.train.trainer import (
     COLLAPSE_OVERLAP,
     TrainConfig,
@@ -85,19 +88,30 @@ def test_a_few_steps_lower_the_loss(tiny, tmp_path, stage, lr):
     assert 0 <= trainer.history[-1]["overlap"] <= 1 and len(trainer.history[-1]["overlap_per_layer"]) == 3
 
 
-def test_resume_continues_from_the_same_state(tiny, tmp_path):
-    straight = make_trainer(tiny, tmp_path / "a", stage="sft", steps=4)
+@pytest.mark.parametrize("train_llm", ["none", "lora"])
+def test_resume_continues_from_the_same_state(tiny, tmp_path, train_llm):
+    straight = make_trainer(tiny, tmp_path / "a", stage="sft", steps=4, train_llm=train_llm)
     straight.train()
-    first = make_trainer(tiny, tmp_path / "b", stage="sft", steps=2)
+    first = make_trainer(tiny, tmp_path / "b", stage="sft", steps=2, train_llm=train_llm)
     first.train()
-    resumed = make_trainer(tiny, tmp_path / "b", stage="sft", steps=4)
+    resumed = make_trainer(tiny, tmp_path / "b", stage="sft", steps=4, train_llm=train_llm)
     resumed.resume()
     assert resumed.step == 2
     resumed.train()
     a = dict(tree_flatten(straight.trainable.trainable_parameters()))
     b = dict(tree_flatten(resumed.trainable.trainable_parameters()))
+    assert set(a) == set(b) and any(n.endswith(".lora_b") for n in a) == (train_llm == "lora")
     for name in a:
         np.testing.assert_allclose(np.array(a[name]), np.array(b[name]), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("saved,now", [("lora", "none"), ("none", "lora")])
+def test_resume_with_other_parameters_is_a_one_line_error(tiny, tmp_path, saved, now):
+    make_trainer(tiny, tmp_path, stage="sft", steps=1, train_llm=saved).train()
+    other = make_trainer(tiny, tmp_path, stage="sft", steps=2, train_llm=now)
+    with pytest.raises(IFPError, match="parameters do not match this run's") as error:
+        other.resume()
+    assert "\n" not in str(error.value) and other.step == 0
 
 
 def test_export_loads_as_a_predictor(tiny, tmp_path):
@@ -110,17 +124,61 @@ def test_export_loads_as_a_predictor(tiny, tmp_path):
     np.testing.assert_allclose(np.array(predictor.scores(features)), np.array(trainer.predictor.scores(features)), atol=1e-6)
 
 
+def adapter_names(model) -> set[str]:
+    return {n for n, _ in tree_flatten(model.trainable_parameters())}
+
+
+def test_a_fresh_adapter_leaves_the_logits_bit_identical(tiny):
+    loaded = load(tiny)
+    tokens = mx.array([[3, 5, 7, 9, 11]])
+    before = np.array(loaded.model(tokens))
+    add_lora(loaded.model, 1, rank=4)
+    assert adapter_names(loaded.model) == {
+        f"model.layers.{layer}.{key}.{part}" for layer in (1, 2) for key in ATTENTION_KEYS for part in ("lora_a", "lora_b")
+    }
+    projection = loaded.model.layers[1].self_attn.q_proj
+    assert projection.lora_a.shape[1] == 4 and projection.scale == LORA_SCALE
+    np.testing.assert_array_equal(np.array(loaded.model(tokens)), before)
+
+
+def test_lora_needs_a_layer_after_the_backbone(tiny):
+    loaded = load(tiny)
+    with pytest.raises(IFPError, match="no layer after the first 3 of 3"):
+        add_lora(loaded.model, 3, rank=4)
+
+
 def test_lora_trains_adapters_and_merges(tiny, tmp_path):
-    trainer = make_trainer(tiny, tmp_path / "work", stage="sft", steps=2, train_llm="lora", learning_rate=1e-2)
+    trainer = make_trainer(tiny, tmp_path / "work", stage="sft", steps=3, train_llm="lora", learning_rate=1e-2)
     names = {n for n, _ in tree_flatten(trainer.trainable.trainable_parameters())}
     assert any("lora_a" in n for n in names) and not any(".mlp." in n for n in names)
     assert not any("layers.0." in n for n in names)  # the shared backbone's layer stays frozen
     trainer.train()
-    export(trainer, tmp_path / "pred")
-    merged = load(tmp_path / "pred-model")
+    assert float(mx.abs(trainer.loaded.model.layers[2].self_attn.v_proj.lora_b).max()) > 0  # the adapters moved
     tokens = mx.array([[3, 5, 7, 9]])
-    trainer.loaded.assign(trainer.loaded.dense_ffn())
-    np.testing.assert_allclose(np.array(merged.model(tokens)), np.array(trainer.loaded.model(tokens)), atol=1e-4)
+    adapted = np.array(trainer.loaded.model(tokens))
+    export(trainer, tmp_path / "pred")
+    assert not adapter_names(trainer.loaded.model)  # fused: plain linears again
+    merged = load(tmp_path / "pred-model")
+    np.testing.assert_allclose(np.array(trainer.loaded.model(tokens)), adapted, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(merged.model(tokens)), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_on_smollm2_fuses_to_the_same_logits(smollm2_dir):
+    """The real model: a fresh adapter changes nothing, a non-zero one fuses exactly."""
+    loaded = load(smollm2_dir)  # its own copy: the session's SmolLM2 must stay unadapted
+    tokens = mx.array([loaded.tokenizer.encode("The capital of France is")])
+    dense = np.array(loaded.model(tokens))
+    add_lora(loaded.model, 4, rank=8)
+    np.testing.assert_array_equal(np.array(loaded.model(tokens)), dense)
+    mx.random.seed(0)
+    for _, module in loaded.model.named_modules():
+        if isinstance(module, LoRALinear):
+            module.lora_b = 0.01 * mx.random.normal(module.lora_b.shape)
+    adapted = np.array(loaded.model(tokens))
+    assert np.abs(adapted - dense).max() > 1e-2
+    merge_lora(loaded.model)
+    assert not adapter_names(loaded.model)
+    np.testing.assert_allclose(np.array(loaded.model(tokens)), adapted, rtol=1e-4, atol=1e-4)
 
 
 def test_init_mask_starts_as_that_static_mask(tiny, tmp_path):

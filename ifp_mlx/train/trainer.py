@@ -16,9 +16,9 @@ Stages, each a loss over (prompt, response) pairs whose prompt picks the mask:
 The LLM is frozen by default, and with a ``shared:N`` backbone so are the
 features: they are computed once, and a step costs one masked forward and
 backward of the LLM (sft/pretrain) or of the head alone (distill).
-``train_llm="lora"`` adds LoRA adapters to the attention of the layers after
-the backbone's N (so the features stay fixed), merged into a new model folder
-on export.
+``train_llm="lora"`` adds LoRA adapters (mlx-lm's, see ``lora``) to the
+attention of the layers after the backbone's N (so the features stay fixed),
+merged into a new model folder on export.
 """
 
 import hashlib
@@ -49,6 +49,7 @@ from ..select.predictor import (
     pad_batch,
     save_predictor,
 )
+from .lora import add_lora, merge_lora
 from .softtopk import topk_mask
 
 STAGES = ("distill", "sft", "pretrain")
@@ -236,32 +237,6 @@ def sequence_batch(pairs: list[Pair]) -> tuple[mx.array, mx.array]:
     return mx.array(tokens), mx.array(loss_mask)
 
 
-LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention linears that get adapters
-
-
-def add_lora(loaded: LoadedModel, first_layer: int, rank: int) -> None:
-    """LoRA on the attention projections of layers ``first_layer..L-1``."""
-    from mlx_lm.tuner.lora import LoRALinear
-
-    loaded.model.freeze()
-    for layer in loaded.model.layers[first_layer:]:
-        attn = layer.self_attn
-        for name in LORA_PROJECTIONS:
-            setattr(attn, name, LoRALinear.from_base(getattr(attn, name), r=rank, scale=2.0))
-
-
-def merge_lora(loaded: LoadedModel) -> None:
-    """Fuse every LoRA adapter back into a plain linear layer."""
-    from mlx_lm.tuner.lora import LoRALinear
-
-    for layer in loaded.model.layers:
-        attn = layer.self_attn
-        for name in LORA_PROJECTIONS:
-            module = getattr(attn, name)
-            if isinstance(module, LoRALinear):
-                setattr(attn, name, module.fuse())
-
-
 class Trainer:
     """Runs one stage: batches, steps, checkpoints, resume, diversity logging."""
 
@@ -283,7 +258,7 @@ class Trainer:
         if config.stage == "distill":
             self.targets = cached_distill_targets(loaded, pairs, self.k, config.distill_target, out, log)
         if config.train_llm == "lora":  # after the shared backbone's layers, so the features stay fixed
-            add_lora(loaded, predictor.backbone.layers if predictor.backbone.shared else 0, config.lora_rank)
+            add_lora(loaded.model, predictor.backbone.layers if predictor.backbone.shared else 0, config.lora_rank)
         self.trainable = Trainable(predictor, loaded.model if config.train_llm == "lora" else None)
         self.optimizer = optim.AdamW(learning_rate=config.learning_rate, weight_decay=config.weight_decay)
         self.loss_and_grad = nn.value_and_grad(self.trainable, self._loss)
@@ -357,7 +332,9 @@ class Trainer:
         """Continue from the checkpoint in ``out`` (same parameters, optimizer, step)."""
         folder = self.checkpoint_dir
         state = checkpoint_state(self.out, self.config.stage)
-        self.trainable.load_weights(list(mx.load(str(folder / "trainable.safetensors")).items()), strict=False)
+        saved = mx.load(str(folder / "trainable.safetensors"))
+        check_saved_parameters(saved, self.trainable, folder)
+        self.trainable.load_weights(list(saved.items()), strict=False)
         self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
         self.step, self.history = state["step"], state["history"]
         mx.eval(self.trainable.parameters(), self.optimizer.state)
@@ -372,6 +349,19 @@ def checkpoint_state(out: Path, stage: str) -> dict:
     if state["config"]["stage"] != stage:
         raise IFPError(f"the checkpoint is for stage {state['config']['stage']}, not {stage}")
     return state
+
+
+def check_saved_parameters(saved: dict[str, mx.array], trainable: Trainable, folder: Path) -> None:
+    """One-line error unless a checkpoint holds exactly the run's trainable parameters:
+    ``load_weights(strict=False)`` (the LLM's frozen weights are not in it) would
+    otherwise skip or mis-shape whatever differs, and fail steps later."""
+    expected = {name: value.shape for name, value in tree_flatten(trainable.trainable_parameters())}
+    differ = sorted(set(saved) ^ set(expected)) or sorted(n for n in saved if saved[n].shape != expected[n])
+    if differ:
+        raise IFPError(
+            f"{folder}: the checkpoint's parameters do not match this run's (first: {differ[0]}); "
+            "resume with the settings it was trained with"
+        )
 
 
 def mask_diversity(predictor: Predictor, features: mx.array, k: int) -> np.ndarray:
@@ -413,7 +403,7 @@ def start_predictor(
 def export(trainer: Trainer, path: Path, force: bool = False) -> Path:
     """Write the predictor folder (and, with LoRA, the merged model beside it)."""
     if trainer.config.train_llm == "lora":
-        merge_lora(trainer.loaded)
+        merge_lora(trainer.loaded.model)
         write_merged_model(trainer.loaded, path.parent / f"{path.name}-model", force)
     return save_predictor(path, trainer.predictor, trainer.loaded.config, trainer.config.keep, force=force)
 

@@ -1,0 +1,46 @@
+"""LoRA adapters on the attention of the masked LLM, through mlx-lm's own tuner.
+
+mlx-lm's layers are used rather than our own so that there is one LoRA in the
+stack: ``linear_to_lora_layers`` picks the linears by their key inside a block
+and wraps plain and quantized ones alike, ``LoRALinear`` starts with ``B = 0``
+(a fresh adapter leaves every output unchanged), and ``LoRALinear.fuse`` folds
+``scale * A @ B`` back into the weight (re-quantizing a quantized base). The
+checkpoint names are mlx-lm's too (``...self_attn.q_proj.lora_a`` / ``lora_b``).
+
+Kept of our own: only the attention projections get adapters, only in the
+blocks from ``first_layer`` on (those after a shared backbone, so the
+predictor's features stay fixed), and the update's scale, ``LORA_SCALE``.
+"""
+
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from ..errors import IFPError
+
+# The attention linears that get adapters, as named inside one transformer block.
+ATTENTION_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+# The adapter adds ``LORA_SCALE * x @ A @ B``: the scale this trainer has always used,
+# passed explicitly because mlx-lm's default (20.0) would weigh the same A, B ten times more.
+LORA_SCALE = 2.0
+LORA_DROPOUT = 0.0  # a predictor run is a few hundred steps: nothing to regularise away
+
+
+def add_lora(model: nn.Module, first_layer: int, rank: int) -> None:
+    """Freeze ``model``, then give the attention projections of blocks
+    ``first_layer..L-1`` rank-``rank`` adapters, the only trainable parameters left."""
+    num_layers = len(model.layers) - first_layer
+    if num_layers <= 0:  # mlx-lm would read 0 as "every block" (layers[-0:])
+        raise IFPError(f"--train-llm lora: no layer after the first {first_layer} of {len(model.layers)} to adapt")
+    model.freeze()
+    config = {"rank": rank, "scale": LORA_SCALE, "dropout": LORA_DROPOUT, "keys": ATTENTION_KEYS}
+    linear_to_lora_layers(model, num_layers, config)
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Replace every adapted linear in ``model`` by its fused plain linear, in place,
+    frozen like the rest of the LLM (``fuse`` returns a new, trainable layer)."""
+    fused = [(name, m.fuse().freeze()) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
