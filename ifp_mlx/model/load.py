@@ -106,9 +106,12 @@ def load(path: str | Path, dense: bool = True) -> LoadedModel:
     _load_weights(model, weights, path)
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     loaded = LoadedModel(path, config, model, tokenizer, mlps)
+    # The non-FFN weights first: building the dense FFN while they are still lazy
+    # keeps the whole bank alive beside its dense copy (857 MB live for SmolLM2's
+    # 542 MB fp32 files, against 538 MB in this order).
+    mx.eval(model.parameters())
     if dense:
         loaded.assign(loaded.dense_ffn())
-    mx.eval(model.parameters())
     return loaded
 
 
