@@ -4,7 +4,7 @@ Errors the user can fix (IFPError) print as one line on stderr and exit 2.
 """
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -54,3 +54,18 @@ def resolve(model: Optional[str]) -> Path:
         return resolve_model(model, log=log, progress=progress_callback(progress, "converting"))
 
 
+def print_columns(headers: Sequence[str], rows: Sequence[Sequence[str]], title: Optional[str] = None) -> None:
+    """Print rows as plain space-aligned columns on stdout.
+
+    Not a rich table: rich fits tables to the terminal (80 columns, or 80 in a
+    pipe) by cutting names with an ellipsis or folding paths over lines, so a
+    user could neither read nor copy them. Here every cell prints whole, each
+    row on one line; the last column (a path or description) is not padded,
+    and lines longer than the terminal wrap there as any long text does.
+    """
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+    if title:
+        print(title)
+    for row in (headers, *rows):
+        cells = [str(c).ljust(w) for c, w in zip(row[:-1], widths)] + [str(row[-1])]
+        print("  ".join(cells).rstrip())

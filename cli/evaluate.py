@@ -5,10 +5,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from .app import app, byte_progress, err, resolve
+from .app import app, byte_progress, err, print_columns, resolve
 
 
 @app.command("eval")
@@ -50,14 +48,14 @@ def evaluate_command(
         task = progress.add_task("evaluating", total=None)
         results = evaluate(loaded, examples, engines, lambda d, t: progress.update(task, completed=d, total=t))
     domains = sorted({e.domain for e in examples})
-    table = Table("selector", *domains, "within", "across", title=f"response NLL per token, keep {keep}")
+    rows = []
     report = {"keep": keep, "examples": len(examples), "selectors": {}}
     for name, result in results.items():
         within, across = overlap_by_domain(result.masks, loaded.d_ff) if result.masks else (float("nan"), float("nan"))
         means = {d: result.mean_nll(d) for d in domains}
-        table.add_row(name, *(f"{means[d]:.3f}" for d in domains), f"{within:.3f}", f"{across:.3f}")
+        rows.append((name, *(f"{means[d]:.3f}" for d in domains), f"{within:.3f}", f"{across:.3f}"))
         report["selectors"][name] = {"nll": means, "overlap_within": within, "overlap_across": across}
-    Console().print(table)
+    print_columns(("selector", *domains, "within", "across"), rows, title=f"response NLL per token, keep {keep}")
     err.print("within/across: mean pairwise mask overlap inside a domain and between domains", highlight=False)
     if json_out:
         with atomic_file(json_out) as tmp:

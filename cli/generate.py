@@ -1,13 +1,19 @@
 """`ifp generate`: select, gather and stream a reply."""
 
+import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from ..errors import IFPError
 from .app import app, err, resolve
+
+if TYPE_CHECKING:
+    from ..model.load import LoadedModel
+
+CONTEXT_HINT = "; shorten it, lower --max-tokens, or pass --truncate to keep its end"
 
 
 @app.command()
@@ -20,6 +26,7 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed (sampling and the random selector)"),
     system: Optional[str] = typer.Option(None, "--system", help="system message"),
     no_chat_template: bool = typer.Option(False, "--no-chat-template", help="feed the prompt as raw text"),
+    truncate: bool = typer.Option(False, "--truncate", help="drop the start of a prompt too long for the model's context (else: an error)"),
     keep: Optional[float] = typer.Option(None, "--keep", help="fraction of FFN channels kept per layer, 0 < R <= 1"),
     k: Optional[int] = typer.Option(None, "--k", help="FFN channels kept per layer (rounded up to a multiple of 8)"),
     selector: Optional[str] = typer.Option(None, "--selector", "-s", help="predictor | activations | static | dense | random (default with --keep: predictor if the model has one, else activations)"),
@@ -31,30 +38,103 @@ def generate(
 
     Example: ifp generate "What is the capital of France?" --keep 0.5 --selector activations
     """
-    from ..engine.prompts import prompt_tokens
-    from ..engine.stats import GenerationConfig, GenerationStats
-    from ..model.load import load
-
     if max_tokens < 1:
         raise IFPError(f"--max-tokens must be at least 1 (got {max_tokens})")
     if temp < 0 or not 0 < top_p <= 1:
         raise IFPError("--temp must be >= 0 and --top-p in (0, 1]")
-    prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
+    texts = read_prompts(prompts)
+    if task is not None:
+        check_text(task, "--task")
+
+    # imported after the checks, which then answer at once: these imports take seconds
+    from ..engine.stats import GenerationConfig, GenerationStats
+    from ..model.load import load
+
     loaded = load(resolve(model), dense=False)
+    chat = not no_chat_template
+    token_lists = [
+        fitted_tokens(loaded, text, max_tokens, system, chat, truncate, prompt_name(p, i, len(prompts)))
+        for i, (p, text) in enumerate(zip(prompts, texts), 1)
+    ]
+    task_tokens = None if task is None else fitted_tokens(loaded, task, 0, system, chat, truncate, "--task")
     engine = build_engine(loaded, selector, keep, k, mask, predictor, seed)
     engine.warm_up()
-    if task is not None:
-        engine.set_task(prompt_tokens(loaded.tokenizer, task, system, chat_template=not no_chat_template))
+    if task_tokens is not None:
+        engine.set_task(task_tokens)
     config = GenerationConfig(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
-    for prompt in prompts:
-        tokens = prompt_tokens(loaded.tokenizer, prompt, system, chat_template=not no_chat_template)
+    for tokens in token_lists:
         stats = GenerationStats()
         for segment in engine.generate(tokens, config, stats):
             sys.stdout.write(segment)
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
-        err.print(f"[dim]{stats.summary()}[/dim]", highlight=False)
+        err.print(f"[dim]{stats.summary()}[/dim]", highlight=False, soft_wrap=True)
+
+
+def prompt_name(arg: str, index: int, count: int) -> str:
+    """How error lines name a prompt: by where it came from, and its place when there are several."""
+    name = "the prompt on stdin" if arg == "-" else "the prompt"
+    return f"{name} ({index} of {count})" if count > 1 else name
+
+
+def read_prompts(prompts: list[str]) -> list[str]:
+    """The prompt texts, ``-`` read from stdin, each checked to be non-empty UTF-8.
+
+    Checked here because the tokenizer fails on both with a traceback that
+    does not say which input was wrong.
+    """
+    texts = []
+    for i, arg in enumerate(prompts, 1):
+        name = prompt_name(arg, i, len(prompts))
+        if arg == "-":
+            text = decode_utf8(sys.stdin.buffer.read(), "stdin")
+        else:  # bytes that are not UTF-8 in argv arrive as surrogate escapes; fsencode gives them back
+            text = decode_utf8(os.fsencode(arg), name)
+        texts.append(check_text(text, name))
+    return texts
+
+
+def decode_utf8(data: bytes, source: str) -> str:
+    """Strictly decoded text; an IFPError naming the first bad byte and where it is."""
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise IFPError(f"{source} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def check_text(text: str, name: str) -> str:
+    """The text, unless it is empty or only whitespace: there is nothing to reply to."""
+    if not text.strip():
+        raise IFPError(f"{name} is empty: give some text to reply to")
+    return text
+
+
+def fitted_tokens(
+    loaded: "LoadedModel", text: str, max_tokens: int, system: Optional[str], chat: bool, truncate: bool, name: str
+) -> list[int]:
+    """The prompt's tokens, refused (or with ``truncate`` cut from the front) if they overflow the context."""
+    from ..engine.prompts import (
+        check_context,
+        context_length,
+        fit_prompt,
+        prompt_tokens,
+    )
+
+    context = context_length(loaded.config)
+    if not truncate:
+        tokens = prompt_tokens(loaded.tokenizer, text, system, chat_template=chat)
+        check_context(tokens, max_tokens, context, what=name, hint=CONTEXT_HINT)
+        return tokens
+    tokens, dropped = fit_prompt(loaded.tokenizer, text, max_tokens, context, system, chat_template=chat, what=name)
+    if dropped:
+        reply = f" with {max_tokens} to generate" if max_tokens else ""
+        err.print(
+            f"warning: {name} is too long for the model's context of {context} tokens{reply}; "
+            f"dropped its first {dropped} tokens, kept {len(tokens)} (--truncate)",
+            highlight=False, soft_wrap=True,
+        )
+    return tokens
 
 
 def build_engine(loaded, selector, keep, k, mask, predictor, seed):

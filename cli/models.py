@@ -1,12 +1,12 @@
 """`ifp pull` and `ifp list`: the named models and the local cache."""
 
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
-from .app import app, byte_progress, err, log, progress_callback
+from .app import app, byte_progress, err, log, print_columns, progress_callback
 
 
 @app.command()
@@ -36,25 +36,30 @@ def list_models(
 
     Example: ifp list --available
     """
-    import json
-
-    from rich.table import Table
-
     from ..convert import registry
 
-    table = Table("name", "dtype", "quantization", "parameters", "size", "path")
-    for path in registry.cached_models():
-        config = json.loads((path / "config.json").read_text())
-        ifp = config.get("ifp", {})
-        quant = ifp.get("quantization")
-        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-        table.add_row(
-            path.name, ifp.get("dtype", "?"), f"{quant['bits']}-bit g{quant['group_size']}" if quant else "-",
-            f"{ifp.get('parameters', 0) / 1e6:.0f}M", f"{size / 1e6:.0f} MB", str(path),
-        )
-    if available:
-        cached = {p.name for p in registry.cached_models()}
-        for name, spec in registry.MODELS.items():
-            if name not in cached:
-                table.add_row(name, "-", "-", "-", "not pulled", spec.description)
-    Console().print(table)
+    cached = registry.cached_models()
+    if cached:
+        print_columns(("name", "dtype", "quantization", "parameters", "size", "path"), [cached_row(p) for p in cached])
+    else:
+        err.print(f"no models in {registry.ifp_home() / 'models'} yet (ifp pull NAME; ifp list --available names them)", highlight=False, soft_wrap=True)
+    names = {p.name for p in cached}
+    missing = [(name, spec.description) for name, spec in registry.MODELS.items() if name not in names]
+    if available and missing:
+        if cached:
+            print()
+        print_columns(("not pulled", "description (ifp pull NAME)"), missing)
+
+
+def cached_row(path: Path) -> tuple[str, ...]:
+    """One cached model's line: what its converter recorded in config.json, and its size on disk."""
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    ifp = config.get("ifp", {})
+    quant = ifp.get("quantization")
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return (
+        path.name, ifp.get("dtype", "?"), f"{quant['bits']}-bit g{quant['group_size']}" if quant else "-",
+        f"{ifp.get('parameters', 0) / 1e6:.0f}M", f"{size / 1e6:.0f} MB", str(path),
+    )
