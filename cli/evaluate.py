@@ -17,7 +17,7 @@ def evaluate_command(
     selectors: Optional[str] = typer.Option(
         None, "--selectors", help="comma-separated selectors [default: dense,static,activations,random, and predictor if the model has one]"
     ),
-    mask: Optional[Path] = typer.Option(None, "--mask", help="mask file for the static selector (else weight norms)"),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="mask file for the static selector (else one calibrated on the built-in text)"),
     predictor: Optional[Path] = typer.Option(None, "--predictor", help="predictor folder for the predictor selector"),
     limit: Optional[int] = typer.Option(None, "--limit", help="examples per domain"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON"),
