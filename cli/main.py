@@ -17,6 +17,7 @@ from . import (  # noqa: F401  (each import registers its commands)
     masks,
     models,
     predictor,
+    selftest,
     train,
 )
 from .app import app, err

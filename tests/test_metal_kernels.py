@@ -1,401 +1,362 @@
-"""The gather backends: Metal kernel bodies run as C++, the portable path, the math.
+"""The gather backends: Metal kernel bodies run as C++, the portable path, the dispatch.
 
 Metal cannot run on Linux, so the tests compile the *same* kernel bodies that
 ``gather_metal`` hands to ``mx.fast.metal_kernel`` as C++ (through
-``tests/metal_shim.h``), run them on exactly the launch that ``gather_metal``
-builds (inputs, template, grid, output shapes and dtypes) and compare the result
-bit for bit with ``gather_portable``. A signature test checks that the C++
-wrappers match the signature MLX generates for the kernels.
+``tests/metal_shim.h``), inside the very signature MLX generates for each launch
+(read from a verbose trace, which works without Metal), run them on that launch
+(inputs, grid, output shapes and dtypes) and compare the result bit for bit with
+the portable gather, on every case ``ifp selftest`` checks on a Mac. Each body is
+built twice, once with ``constant`` and once with ``device`` memory made distinct
+from the other, so a body that binds an input to the wrong address space does
+not compile here either.
 """
 
 import ctypes
-import itertools
+import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
+from ifp_mlx.errors import IFPError
+from ifp_mlx.gather import backend as backend_mod
 from ifp_mlx.gather import metal as gather_mod
-from ifp_mlx.gather.backend import gather
-from ifp_mlx.gather.metal import (
-    KERNELS,
-    compact_from_outputs,
-    gather_metal,
-    kernel_launch,
-    kernel_source,
-)
-from ifp_mlx.model.bank import Bank, CompactFFN, quantize_records
+from ifp_mlx.gather import selftest
+from ifp_mlx.gather.metal import KERNELS, compact_from_outputs, gather_metal, kernel_launch, kernel_source
+from ifp_mlx.gather.selftest import CASES, Case, case_inputs, describe, differing_fields, raw_bits
+from ifp_mlx.model.bank import Bank, CompactFFN, check_indices
 from ifp_mlx.model.bank import gather_rows as gather_portable
 from ifp_mlx.select.base import round_k
 
 TESTS = Path(__file__).parent
-
-# The signatures MLX generates (inputs, each followed by the shape it uses,
-# then outputs), with T and Q for the template types.
-TEMPLATE_PARAMS = {"gather_records": ("T",), "gather_quantized_records": ("T", "Q")}
-SIGNATURES = {
-    "gather_records": [
-        ("const device T*", "records"),
-        ("const constant int*", "records_shape"),
-        ("const device uint32_t*", "indices"),
-        ("const constant int*", "indices_shape"),
-        ("device T*", "gate_up"),
-        ("device T*", "down_t"),
-    ],
-    "gather_quantized_records": [
-        ("const device Q*", "weight"),
-        ("const constant int*", "weight_shape"),
-        ("const device T*", "scales"),
-        ("const constant int*", "scales_shape"),
-        ("const device T*", "biases"),
-        ("const device uint32_t*", "indices"),
-        ("const constant int*", "indices_shape"),
-        ("device Q*", "gate_up"),
-        ("device Q*", "down_t"),
-        ("device T*", "gate_up_scales"),
-        ("device T*", "gate_up_biases"),
-        ("device T*", "down_t_scales"),
-        ("device T*", "down_t_biases"),
-    ],
-}
-# Template types each C++ build instantiates: (dtype name, C++ type, MLX's Metal name).
-_FLOATS = [("float32", "float", "float"), ("float16", "half", "float16_t")]
-_FLOATS += [("bfloat16", "bfloat16_t", "bfloat16_t")]
-_UINTS = [(f"uint{b}", f"uint{b}_t", f"uint{b}_t") for b in (8, 16, 32, 64)]
-TEMPLATE_TYPES = {
-    "gather_records": {"T": _FLOATS + _UINTS},
-    "gather_quantized_records": {"T": _FLOATS, "Q": _UINTS[2:]},
-}
-METAL_TYPE_NAMES = {name: metal for name, _, metal in _FLOATS + _UINTS}
-
-_NP_WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+ROOT = TESTS.parent
+# The two builds of every body: which address space the shim makes strict.
+MODES = {"constant": [], "device": ["-DMETAL_SHIM_STRICT_DEVICE"]}
+FLOAT_IDS = [i for i, case in enumerate(CASES) if not case.quantized]
+CASE_IDS = [describe(case) for case in CASES]
 
 
-def _dtype_name(dtype: mx.Dtype) -> str:
-    return str(dtype).rsplit(".", 1)[-1]
+def assert_same_bits(got: CompactFFN, want: CompactFFN) -> None:
+    assert differing_fields(got, want) == []
 
 
-def _bits(a: mx.array) -> np.ndarray:
-    """The raw bits of ``a`` (numpy has no bfloat16; bits compare exactly)."""
-    word = getattr(mx, f"uint{8 * a.dtype.size}")
-    return np.ascontiguousarray(np.array(a if a.dtype == word else a.view(word)))
+# --- the signature MLX generates -------------------------------------------------
 
 
-def _symbol(name: str, template: list) -> str:
-    return name + "".join(f"__{_dtype_name(dtype)}" for _, dtype in template)
-
-
-# --- the C++ build of the kernel bodies ----------------------------------------
-
-
-def _cpp_kernel(name: str) -> str:
-    """The body inside a function template carrying the kernel's parameter names,
-    a runner looping over the grid, and C entry points per template type."""
-    tparams = TEMPLATE_PARAMS[name]
-    tdecl = "template <" + ", ".join(f"typename {t}" for t in tparams) + ">"
-    params = SIGNATURES[name]
-    decl = ",\n    ".join(f"{ty} {arg}" for ty, arg in params)
-    casts = ", ".join(f"static_cast<{ty}>(args[{i}])" for i, (ty, _) in enumerate(params))
-    lines = [
-        f"{tdecl}\nvoid {name}(\n    {decl},\n    uint3 thread_position_in_grid) {{",
-        f'#include "{name}.metal"',
-        "}",
-        f"{tdecl}\nvoid run_{name}(void** args, const uint* grid) {{",
-        "  for (uint z = 0; z < grid[2]; ++z)",
-        "    for (uint y = 0; y < grid[1]; ++y)",
-        "      for (uint x = 0; x < grid[0]; ++x)",
-        f"        {name}<{', '.join(tparams)}>({casts}, uint3{{x, y, z}});",
-        "}",
-    ]
-    types = TEMPLATE_TYPES[name]
-    for combo in itertools.product(*(types[t] for t in tparams)):
-        symbol = name + "".join(f"__{dtype}" for dtype, _, _ in combo)
-        cpp = ", ".join(cpp for _, cpp, _ in combo)
-        lines.append(
-            f'extern "C" void {symbol}(void** args, const uint* grid) '
-            f"{{ run_{name}<{cpp}>(args, grid); }}"
-        )
-    return "\n".join(lines)
-
-
-class CppKernels:
-    """Runs a ``kernel_launch`` on the C++ build, as ``mx.fast.metal_kernel`` would."""
-
-    def __init__(self, lib: ctypes.CDLL):
-        self.lib = lib
-
-    def __call__(self, name: str, launch: dict) -> list[mx.array]:
-        spec = KERNELS[name]
-        inputs = dict(zip(spec.inputs, launch["inputs"]))
-        dtypes = launch["output_dtypes"]
-        outputs = {
-            out: np.zeros(shape, dtype=_NP_WORDS[dtype.size])
-            for out, shape, dtype in zip(spec.outputs, launch["output_shapes"], dtypes)
-        }
-        args = []
-        for _, arg in SIGNATURES[name]:
-            if arg in inputs:
-                args.append(_bits(inputs[arg]))
-            elif arg in outputs:
-                args.append(outputs[arg])
-            else:  # <input>_shape
-                args.append(np.array(inputs[arg[: -len("_shape")]].shape, np.int32))
-        pointers = (ctypes.c_void_p * len(args))(*(a.ctypes.data for a in args))
-        grid = (ctypes.c_uint * 3)(*launch["grid"])
-        getattr(self.lib, _symbol(name, launch["template"]))(pointers, grid)
-        return [
-            mx.array(outputs[out]).view(dtype) for out, dtype in zip(spec.outputs, dtypes)
-        ]
-
-
-@pytest.fixture(scope="session")
-def cpp_kernels(tmp_path_factory) -> CppKernels:
-    """Compile the kernel bodies (as ``gather_metal`` reads them) once per session."""
-    if shutil.which("g++") is None:
-        pytest.skip("g++ is not installed")
-    build = tmp_path_factory.mktemp("metal_as_cpp")
-    for name in KERNELS:
-        (build / f"{name}.metal").write_text(kernel_source(name))
-    source = build / "kernels.cpp"
-    source.write_text(
-        '#include "metal_shim.h"\n\n' + "\n\n".join(_cpp_kernel(n) for n in KERNELS) + "\n"
-    )
-    library = build / "kernels.so"
-    command = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Wextra"]
-    command += ["-Werror", f"-I{TESTS}", f"-I{build}", str(source), "-o", str(library)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return CppKernels(ctypes.CDLL(str(library)))
-
-
-# --- random banks --------------------------------------------------------------
-
-
-def _indices(rng: np.random.Generator, layers: int, d_ff: int, k: int) -> mx.array:
-    """Ascending distinct channels per layer, ``[L, k]`` uint32."""
-    rows = [np.sort(rng.choice(d_ff, size=k, replace=False)) for _ in range(layers)]
-    return mx.array(np.stack(rows).astype(np.uint32))
-
-
-def _records(rng: np.random.Generator, layers: int, d_ff: int, d: int) -> mx.array:
-    return mx.array(rng.standard_normal((layers, d_ff, 3, d)).astype(np.float32))
-
-
-def _float_bank(seed: int, layers: int, d_ff: int, d: int, dtype: mx.Dtype) -> Bank:
-    return Bank(_records(np.random.default_rng(seed), layers, d_ff, d).astype(dtype))
-
-
-def _quantized_bank(
-    seed: int, layers: int, d_ff: int, d: int, bits: int, group_size: int, dtype: mx.Dtype
-) -> Bank:
-    records = _records(np.random.default_rng(seed), layers, d_ff, d) * 0.1
-    weight, scales, biases = quantize_records(records.astype(dtype), bits, group_size)
-    return Bank(weight, scales, biases, bits=bits, group_size=group_size)
-
-
-# Every CompactFFN field a kernel can write (the quantized kernel writes them all).
-FIELDS = KERNELS["gather_quantized_records"].outputs
-
-
-def assert_same_bits(a: CompactFFN, b: CompactFFN) -> None:
-    assert (a.bits, a.group_size) == (b.bits, b.group_size)
-    for field in FIELDS:
-        x, y = getattr(a, field), getattr(b, field)
-        assert (x is None) == (y is None), field
-        if x is not None:
-            assert x.dtype == y.dtype and x.shape == y.shape, field
-            np.testing.assert_array_equal(_bits(x), _bits(y), err_msg=field)
-
-
-# (layers, d_ff, d, k before rounding, dtype): k % 8 != 0, d % 64 != 0, odd rows.
-FLOAT_CASES = [
-    (1, 50, 40, 13, mx.float32),
-    (3, 37, 96, 5, mx.float16),
-    (2, 64, 200, 21, mx.bfloat16),
-    (4, 24, 40, 24, mx.float16),  # k == d_ff
-    (2, 20, 7, 3, mx.bfloat16),  # 14-byte rows: uint16 words
-    (2, 20, 3, 9, mx.float32),  # 12-byte rows: uint32 words
-]
-# (layers, d_ff, d, k before rounding, bits, group_size, scales dtype)
-QUANT_CASES = [
-    (1, 40, 96, 13, 4, 32, mx.float32),
-    (3, 33, 128, 9, 8, 64, mx.float16),
-    (2, 24, 96, 5, 3, 32, mx.bfloat16),  # 9 words a row: uint32
-    (2, 50, 192, 17, 4, 64, mx.float32),
-    (2, 30, 96, 11, 6, 32, mx.float32),
-    (1, 16, 64, 3, 2, 64, mx.float16),  # one group a row
-]
-
-
-def _float_case(i: int, case: tuple) -> tuple[Bank, mx.array]:
-    layers, d_ff, d, k, dtype = case
-    indices = _indices(np.random.default_rng(100 + i), layers, d_ff, round_k(k, d_ff))
-    return _float_bank(i, layers, d_ff, d, dtype), indices
-
-
-def _quant_case(i: int, case: tuple) -> tuple[Bank, mx.array]:
-    layers, d_ff, d, k, bits, group_size, dtype = case
-    indices = _indices(np.random.default_rng(200 + i), layers, d_ff, round_k(k, d_ff))
-    return _quantized_bank(i, layers, d_ff, d, bits, group_size, dtype), indices
-
-
-# --- the kernel bodies, compiled as C++, against the portable gather -----------
-
-
-@pytest.mark.parametrize("i", range(len(FLOAT_CASES)))
-def test_records_kernel_bit_exact(cpp_kernels, i):
-    bank, indices = _float_case(i, FLOAT_CASES[i])
-    name, launch = kernel_launch(bank, indices)
-    assert name == "gather_records"
-    compact = compact_from_outputs(bank, cpp_kernels(name, launch))
-    assert_same_bits(compact, gather_portable(bank, indices))
-
-
-@pytest.mark.parametrize("i", range(len(FLOAT_CASES)))
-def test_records_kernel_native_types(cpp_kernels, i):
-    """The body also works with T the bank's own float type (no word view)."""
-    bank, indices = _float_case(i, FLOAT_CASES[i])
-    name, launch = kernel_launch(bank, indices)
-    launch = dict(
-        launch,
-        inputs=[bank.weight, launch["inputs"][1]],
-        template=[("T", bank.weight.dtype)],
-        grid=(bank.hidden_size, *launch["grid"][1:]),
-        output_shapes=[s[:2] + (bank.hidden_size,) for s in launch["output_shapes"]],
-        output_dtypes=[bank.weight.dtype] * 2,
-    )
-    compact = CompactFFN(*cpp_kernels(name, launch))
-    assert_same_bits(compact, gather_portable(bank, indices))
-
-
-@pytest.mark.parametrize("i", range(len(QUANT_CASES)))
-def test_quantized_kernel_bit_exact(cpp_kernels, i):
-    bank, indices = _quant_case(i, QUANT_CASES[i])
-    name, launch = kernel_launch(bank, indices)
-    assert name == "gather_quantized_records"
-    compact = compact_from_outputs(bank, cpp_kernels(name, launch))
-    assert_same_bits(compact, gather_portable(bank, indices))
-
-
-def test_kernel_writes_every_output_element(cpp_kernels):
-    """Outputs start as zeros in the C++ run, as garbage on Metal: poison the bank
-    with ones everywhere and check no zero survives."""
-    layers, d_ff, d, k = 2, 30, 40, round_k(11, 30)
-    bank = Bank(mx.ones((layers, d_ff, 3, d), mx.float16))
-    indices = _indices(np.random.default_rng(0), layers, d_ff, k)
-    compact = compact_from_outputs(bank, cpp_kernels(*kernel_launch(bank, indices)))
-    assert mx.all(compact.gate_up == 1).item() and mx.all(compact.down_t == 1).item()
-
-
-def _generated_signature(capfd, tmp_path, name: str, launch: dict) -> tuple[str, list]:
-    """The template line and parameters of the Metal source MLX generates, from a
-    verbose trace (on Linux, exporting traces the call without running it)."""
+def generated_source(name: str, launch: dict) -> str:
+    """The Metal source MLX generates for this launch, from a verbose trace:
+    exporting a function traces the kernel call without running it, so this
+    works without Metal. MLX prints the source on file descriptor 1."""
     kernel = gather_mod._kernel(name)
     rest = {key: value for key, value in launch.items() if key != "inputs"}
 
     def call(*inputs):
         return kernel(inputs=list(inputs), **rest, verbose=True)
 
-    capfd.readouterr()
-    mx.export_function(str(tmp_path / f"{name}.mlxfn"), call, *launch["inputs"])
-    text = capfd.readouterr().out
-    match = re.search(r"(template <[^>]*>)\s*\[\[kernel\]\] void \w+\((.*?)\)\s*\{", text, re.S)
+    sys.stdout.flush()
+    with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryFile() as out:
+        saved = os.dup(1)
+        os.dup2(out.fileno(), 1)
+        try:
+            mx.export_function(os.path.join(folder, "kernel.mlxfn"), call, *launch["inputs"])
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        out.seek(0)
+        return out.read().decode()
+
+
+def signature(name: str, launch: dict) -> tuple[str, list[tuple[str, str]]]:
+    """The generated kernel's function name and its ``(type, name)`` parameters."""
+    text = generated_source(name, launch)
+    match = re.search(r"\[\[kernel\]\] void (\w+)\((.*?)\)\s*\{", text, re.DOTALL)
     assert match, text
     params = []
     for param in match.group(2).split(","):
-        param = re.sub(r"\[\[.*?\]\]", "", param).strip()
-        kind, arg = param.rsplit(" ", 1)
+        kind, arg = re.sub(r"\[\[.*?\]\]", "", param).strip().rsplit(" ", 1)
         params.append((kind, arg))
     return match.group(1), params
 
 
-@pytest.mark.parametrize("quantized", [False, True])
-def test_cpp_wrappers_match_generated_signature(capfd, tmp_path, quantized):
-    if quantized:
-        bank, indices = _quant_case(0, QUANT_CASES[0])
-    else:
-        bank, indices = _float_case(2, FLOAT_CASES[2])
+# --- the C++ build of the kernel bodies ----------------------------------------
+
+
+def cpp_function(name: str, function: str, params: list[tuple[str, str]]) -> str:
+    """The body inside its generated signature, and a C entry point looping over the grid."""
+    decl = ",\n    ".join(f"{kind} {arg}" for kind, arg in params)
+    casts = ", ".join(f"static_cast<{kind}>(args[{i}])" for i, (kind, _) in enumerate(params[:-1]))
+    return "\n".join([
+        f"void {function}(\n    {decl}) {{",
+        f'#include "{name}.metal"',
+        "}",
+        f'extern "C" void run_{function}(void** args, const uint* grid) {{',
+        "  for (uint z = 0; z < grid[2]; ++z)",
+        "    for (uint y = 0; y < grid[1]; ++y)",
+        "      for (uint x = 0; x < grid[0]; ++x)",
+        f"        {function}({casts}, uint3{{x, y, z}});",
+        "}",
+    ])
+
+
+def compile_functions(folder: Path, bodies: dict[str, str], functions: list[tuple]) -> dict[str, tuple[int, str]]:
+    """Build ``(name, function, params)`` from ``bodies`` (kernel name -> text) in
+    both modes, in parallel, as ``folder/<mode>.so``; each mode's exit status and errors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, body in bodies.items():
+        (folder / f"{name}.metal").write_text(body)
+    source = folder / "kernels.cpp"
+    code = "\n\n".join(cpp_function(*function) for function in functions)
+    source.write_text(f'#include "metal_shim.h"\n\n{code}\n')
+    command = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror"]
+    command += [f"-I{TESTS}", f"-I{folder}", str(source)]
+    runs = {
+        mode: subprocess.Popen(command + flags + ["-o", str(folder / f"{mode}.so")], stderr=subprocess.PIPE, text=True)
+        for mode, flags in MODES.items()
+    }
+    return {mode: (run.wait(), run.stderr.read()) for mode, run in runs.items()}
+
+
+class CppKernels:
+    """Runs a ``kernel_launch`` on the C++ builds, as ``mx.fast.metal_kernel`` would."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.libraries, self.builds = folder, {}, 0
+
+    def prepare(self, launches: list[tuple[str, dict]]) -> None:
+        """Build, in one go, every generated signature of ``launches`` not built yet."""
+        missing = {}
+        for name, launch in launches:
+            function, params = signature(name, launch)
+            if function not in self.libraries:
+                missing[function] = (name, function, params)
+        if missing:
+            self._build(list(missing.values()))
+
+    def _build(self, functions: list[tuple]) -> None:
+        folder = self.folder / f"build{self.builds}"
+        self.builds += 1
+        bodies = {name: kernel_source(name) for name in KERNELS}
+        for mode, (status, errors) in compile_functions(folder, bodies, functions).items():
+            assert status == 0, f"{mode} build:\n{errors}"
+        libraries = {mode: ctypes.CDLL(str(folder / f"{mode}.so")) for mode in MODES}
+        self.libraries.update({function: libraries for _, function, _ in functions})
+
+    def __call__(self, name: str, launch: dict) -> list[mx.array]:
+        function, params = signature(name, launch)
+        if function not in self.libraries:
+            self._build([(name, function, params)])
+        libraries = self.libraries[function].values()
+        runs = [self._run(library, function, params, name, launch) for library in libraries]
+        for other in runs[1:]:
+            assert all(np.array_equal(a, b) for a, b in zip(runs[0], other)), "the two builds disagree"
+        return [mx.array(a).view(dtype) for a, dtype in zip(runs[0], launch["output_dtypes"])]
+
+    @staticmethod
+    def _run(library: ctypes.CDLL, function: str, params: list, name: str, launch: dict) -> list[np.ndarray]:
+        """One build's outputs, as raw words, for the launch."""
+        spec = KERNELS[name]
+        inputs = dict(zip(spec.inputs, launch["inputs"]))
+        outputs = {
+            out: np.zeros(shape, dtype=f"uint{8 * dtype.size}")
+            for out, shape, dtype in zip(spec.outputs, launch["output_shapes"], launch["output_dtypes"])
+        }
+        args = []
+        for _, arg in params[:-1]:
+            if arg in inputs:
+                args.append(raw_bits(inputs[arg]))
+            elif arg in outputs:
+                args.append(outputs[arg])
+            else:
+                assert arg.endswith("_shape"), arg
+                args.append(np.array(inputs[arg[: -len("_shape")]].shape, np.int32))
+        assert params[-1][1] == "thread_position_in_grid", params
+        pointers = (ctypes.c_void_p * len(args))(*(a.ctypes.data for a in args))
+        getattr(library, f"run_{function}")(pointers, (ctypes.c_uint * 3)(*launch["grid"]))
+        return [outputs[out] for out in spec.outputs]
+
+
+def native_launch(bank: Bank, indices: mx.array) -> tuple[str, dict]:
+    """The records kernel on the bank's own float type, not viewed as words."""
     name, launch = kernel_launch(bank, indices)
-    template, params = _generated_signature(capfd, tmp_path, name, launch)
-    tparams = TEMPLATE_PARAMS[name]
-    assert [t for t, _ in launch["template"]] == list(tparams)
-    assert template == "template <" + ", ".join(f"typename {t}" for t in tparams) + ">"
-    names = {t: METAL_TYPE_NAMES[_dtype_name(v)] for t, v in launch["template"]}
-    expected = [
-        (re.sub(r"\b[TQ]\b", lambda m: names[m.group(0)], kind), arg)
-        for kind, arg in SIGNATURES[name]
-    ]
-    expected.append(("uint3", "thread_position_in_grid"))
-    assert params == expected
+    d = bank.hidden_size
+    return name, dict(
+        launch,
+        inputs=[bank.weight, launch["inputs"][1]],
+        grid=(d, *launch["grid"][1:]),
+        output_shapes=[s[:2] + (d,) for s in launch["output_shapes"]],
+        output_dtypes=[bank.weight.dtype] * 2,
+    )
+
+
+@pytest.fixture(scope="session")
+def cpp_kernels(tmp_path_factory) -> CppKernels:
+    """The kernel bodies (as ``gather_metal`` reads them), built once for every case."""
+    assert shutil.which("g++"), "the C++ build of the Metal kernels needs g++"
+    kernels = CppKernels(tmp_path_factory.mktemp("metal_as_cpp"))
+    inputs = [case_inputs(i, case) for i, case in enumerate(CASES)]
+    launches = [kernel_launch(*pair) for pair in inputs]
+    launches += [native_launch(*inputs[i]) for i in FLOAT_IDS]
+    kernels.prepare(launches)
+    return kernels
+
+
+# --- the kernel bodies, compiled as C++, against the portable gather -----------
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=CASE_IDS)
+def test_kernel_bit_exact(cpp_kernels, i):
+    bank, indices = case_inputs(i, CASES[i])
+    name, launch = kernel_launch(bank, indices)
+    assert name == ("gather_quantized_records" if bank.quantized else "gather_records")
+    compact = compact_from_outputs(bank, cpp_kernels(name, launch))
+    assert_same_bits(compact, gather_portable(bank, indices))
+
+
+@pytest.mark.parametrize("i", FLOAT_IDS, ids=[CASE_IDS[i] for i in FLOAT_IDS])
+def test_records_kernel_native_types(cpp_kernels, i):
+    """The body also works on the bank's own float type (no word view)."""
+    bank, indices = case_inputs(i, CASES[i])
+    compact = CompactFFN(*cpp_kernels(*native_launch(bank, indices)))
+    assert_same_bits(compact, gather_portable(bank, indices))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_kernel_writes_every_output_element(cpp_kernels, quantized):
+    """Outputs start as zeros in the C++ run, as garbage on Metal: a bank of ones
+    everywhere must leave no zero behind."""
+    layers, d_ff, d, k = 2, 30, 64, 11
+    rows = (layers, d_ff, 3)
+    bank = Bank(mx.ones((*rows, d), mx.float16))
+    if quantized:
+        scales, biases = mx.ones((*rows, 2), mx.float16), mx.ones((*rows, 2), mx.float32)
+        bank = Bank(mx.ones((*rows, 8), mx.uint32), scales, biases, bits=4, group_size=32)
+    indices = selftest.case_indices(Case(layers, d_ff, d, k, mx.float16), seed=0)
+    compact = compact_from_outputs(bank, cpp_kernels(*kernel_launch(bank, indices)))
+    assert all(mx.all(a == 1).item() for a in compact.arrays())
+
+
+def test_small_inputs_are_passed_in_constant_memory():
+    """Why the bodies name no address space (or type): MLX puts an input of fewer
+    than 8 elements in ``constant`` memory, and each output takes its own dtype."""
+    case = Case(1, 2, 64, 1, mx.float32, 4, 64, mx.float16)  # 24 words, 6 scales, 1 index
+    _, params = signature(*kernel_launch(selftest.case_bank(case, 0), selftest.case_indices(case, 0)))
+    kinds = {arg: kind for kind, arg in params}
+    assert kinds["weight"] == "const device uint64_t*"
+    assert kinds["scales"] == "const constant float*"
+    assert kinds["biases"] == "const constant float16_t*"
+    assert kinds["indices"] == "const constant uint32_t*"
+    assert kinds["gate_up_scales"] == kinds["down_t_scales"] == "device float*"
+    assert kinds["gate_up_biases"] == kinds["down_t_biases"] == "device float16_t*"
+
+
+@pytest.mark.parametrize(
+    "mode, shape, wrong, right",
+    [
+        # L=1, k=1: every input under 8 elements, passed as `const constant`
+        ("constant", (1, 1, 2, 1), "const device uint32_t*", "const constant uint32_t*"),
+        # k=13 indices and a 50-channel bank: both passed as `const device`
+        ("device", (1, 50, 40, 13), "const constant uint32_t*", "const device uint32_t*"),
+    ],
+)
+def test_wrong_address_space_does_not_compile(tmp_path, mode, shape, wrong, right):
+    """The shim keeps constant and device memory apart, as Metal does: binding the
+    indices to a pointer of the wrong space fails to build, the right one builds."""
+    case = Case(*shape, mx.float32)
+    name, launch = kernel_launch(selftest.case_bank(case, 0), selftest.case_indices(case, 0))
+    function, params = signature(name, launch)
+    results = {}
+    for binding in (wrong, right):
+        body = f"{binding} bound = indices;\n(void)bound;\n" + kernel_source(name)
+        folder = tmp_path / str(len(results))
+        results[binding] = compile_functions(folder, {name: body}, [(name, function, params)])[mode]
+    (right_status, right_errors), (wrong_status, wrong_errors) = results[right], results[wrong]
+    assert right_status == 0, right_errors
+    assert wrong_status != 0 and "invalid conversion" in wrong_errors and "volatile" in wrong_errors
 
 
 def test_kernel_bodies_are_pure_bodies():
-    """mx.fast.metal_kernel writes the signature; the files must not."""
+    """mx.fast.metal_kernel writes the signature; the files must not. Nor may the
+    code name an address space: the shim cannot catch ``const device auto*``."""
     for name in KERNELS:
         source = kernel_source(name)
         assert "[[kernel]]" not in source and "#include" not in source
         assert "thread_position_in_grid" in source
+        code = "\n".join(line.split("//")[0] for line in source.splitlines())
+        assert not re.search(r"\b(device|constant)\b", code), name
 
 
 # --- the portable gather and the dispatch ----------------------------------------
 
 
-def _numpy_gather(bank: Bank, indices: mx.array) -> dict[str, np.ndarray]:
-    """A plain per-layer reference, in raw bits."""
-    idx = np.array(indices).astype(np.int64)
-    sources = {"": bank.weight, "_scales": bank.scales, "_biases": bank.biases}
-    ref = {}
-    for suffix, a in sources.items():
-        if a is None:
-            continue
-        bits = _bits(a)
-        records = np.stack([bits[l, idx[l]] for l in range(idx.shape[0])])  # [L, k, 3, X]
-        ref["gate_up" + suffix] = np.concatenate([records[:, :, 0], records[:, :, 1]], axis=1)
-        ref["down_t" + suffix] = records[:, :, 2]
-    return ref
-
-
-@pytest.mark.parametrize("i", range(len(FLOAT_CASES) + len(QUANT_CASES)))
+@pytest.mark.parametrize("i", range(len(CASES)), ids=CASE_IDS)
 def test_portable_matches_numpy(i):
-    if i < len(FLOAT_CASES):
-        bank, indices = _float_case(i, FLOAT_CASES[i])
-    else:
-        j = i - len(FLOAT_CASES)
-        bank, indices = _quant_case(j, QUANT_CASES[j])
+    bank, indices = case_inputs(i, CASES[i])
     compact = gather_portable(bank, indices)
     assert compact.k == indices.shape[1] and compact.bits == bank.bits
-    for field, expected in _numpy_gather(bank, indices).items():
-        got = getattr(compact, field)
-        source = bank.weight if field in ("gate_up", "down_t") else bank.scales
-        assert got.dtype == source.dtype
-        np.testing.assert_array_equal(_bits(got), expected, err_msg=field)
+    assert_same_bits(compact, selftest.reference_gather(bank, indices))
 
 
 def test_portable_accepts_int32_indices():
-    bank, indices = _float_case(0, FLOAT_CASES[0])
-    assert_same_bits(
-        gather_portable(bank, indices.astype(mx.int32)), gather_portable(bank, indices)
-    )
+    bank, indices = case_inputs(2, CASES[2])
+    assert_same_bits(gather_portable(bank, indices.astype(mx.int32)), gather_portable(bank, indices))
 
 
 def test_bad_indices_shape_raises():
-    bank, indices = _float_case(1, FLOAT_CASES[1])
-    with pytest.raises(ValueError):
-        gather_portable(bank, indices[:1])
-    with pytest.raises(ValueError):
-        kernel_launch(bank, indices.reshape(-1))
+    """The gathers trust their indices: the shape is refused where a selection enters."""
+    bank, indices = case_inputs(9, CASES[9])  # L=3
+    assert check_indices(indices, bank.num_layers, bank.d_ff).dtype == mx.uint32
+    for bad in (indices[:1], indices.reshape(-1), indices[:, :0]):
+        with pytest.raises(IFPError, match="must be"):
+            check_indices(bad, bank.num_layers, bank.d_ff)
 
 
-@pytest.mark.skipif(mx.metal.is_available(), reason="checks the non-Metal dispatch")
-def test_gather_uses_portable_without_metal():
-    assert gather_mod.BACKEND == "portable"
-    assert gather_mod._gather is gather_portable
-    bank, indices = _quant_case(1, QUANT_CASES[1])
-    assert_same_bits(gather(bank, indices), gather_portable(bank, indices))
+def test_backend_follows_metal_availability():
+    expected = "metal" if mx.metal.is_available() else "portable"
+    assert backend_mod.available_backend() == expected
+    assert backend_mod.backend() == expected and backend_mod.fallback_reason() is None
+    bank, indices = case_inputs(40, CASES[40])
+    assert_same_bits(backend_mod.gather(bank, indices), gather_portable(bank, indices))
+
+
+def _compile_failure(*args, **kwargs):
+    raise RuntimeError(
+        "[metal::Device] Unable to build metal library from source\n"
+        "program_source:12:5: error: cannot initialize a variable of type 'const device uint *'\n"
+        "program_source:20:1: error: another error"
+    )
+
+
+def test_failing_kernel_falls_back_once(monkeypatch, capfd):
+    """Forced to Metal where the kernel cannot run (on Linux the call raises
+    "No Metal back-end"; on a Mac a compile failure is faked), gathers fall
+    back to the portable path with exactly one warning line."""
+    monkeypatch.setitem(backend_mod._state, "backend", backend_mod.METAL)
+    monkeypatch.setitem(backend_mod._state, "fallback_reason", None)
+    if mx.metal.is_available():
+        monkeypatch.setattr(backend_mod, "gather_metal", _compile_failure)
+    capfd.readouterr()
+    for i in (2, 40):
+        bank, indices = case_inputs(i, CASES[i])
+        assert_same_bits(backend_mod.gather(bank, indices), gather_portable(bank, indices))
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: the Metal gather kernel failed")
+    assert backend_mod.backend() == "portable" and backend_mod.fallback_reason() in lines[0]
+    if not mx.metal.is_available():
+        assert "No Metal back-end" in lines[0]
+
+
+def test_compile_failure_is_one_line():
+    with pytest.raises(RuntimeError) as caught:
+        _compile_failure()
+    line = backend_mod.one_line(caught.value)
+    assert "\n" not in line and line.startswith("[metal::Device] Unable to build")
+    assert "cannot initialize" in line and "another error" not in line
 
 
 def test_kernels_are_created_once():
@@ -404,26 +365,65 @@ def test_kernels_are_created_once():
 
 
 @pytest.mark.skipif(mx.metal.is_available(), reason="checks the non-Metal error")
-@pytest.mark.parametrize("quantized", [False, True])
-def test_gather_metal_without_metal_raises(quantized):
+@pytest.mark.parametrize("i", [2, 40])
+def test_gather_metal_without_metal_raises(i):
     """The call is well formed up to the missing back-end."""
-    bank, indices = _quant_case(0, QUANT_CASES[0]) if quantized else _float_case(0, FLOAT_CASES[0])
     with pytest.raises(RuntimeError, match="No Metal back-end"):
-        gather_metal(bank, indices)
-
-
-@pytest.mark.skipif(not mx.metal.is_available(), reason="needs Metal")
-def test_gather_metal_bit_exact():
-    cases = [_float_case(i, case) for i, case in enumerate(FLOAT_CASES)]
-    cases += [_quant_case(i, case) for i, case in enumerate(QUANT_CASES)]
-    for bank, indices in cases:
-        assert_same_bits(gather_metal(bank, indices), gather_portable(bank, indices))
+        gather_metal(*case_inputs(i, CASES[i]))
 
 
 def test_threadgroup_sizes():
     for width, k in [(1, 1), (5, 3), (40, 16), (256, 8), (1000, 64), (3, 1000)]:
         x, y, z = gather_mod._threadgroup(width, k)
         assert 1 <= x * y * z <= 256 and x <= width and y <= max(k, 1)
+
+
+# --- ifp selftest -------------------------------------------------------------------
+
+
+def _ifp(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "ifp_mlx.cli.main", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_selftest_command():
+    """The command a user runs; without Metal it checks the portable path and exits 0."""
+    result = _ifp("selftest", "--layers", "2", "--rounds", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    metal = mx.metal.is_available()
+    assert lines[0].startswith(f"gather backend: {'metal' if metal else 'portable'}")
+    if not metal:
+        assert "no Metal back-end on this platform" in lines[0]
+    cases = lines[1 : 1 + len(CASES)]
+    assert [line.split()[0] for line in cases] == ["match"] * len(CASES)
+    assert all(describe(case) in line for case, line in zip(CASES, cases))
+    paths = ["portable"] + (["metal"] if metal else [])
+    bandwidth = lines[1 + len(CASES) : -1]
+    assert [line.split()[1] for line in bandwidth] == paths
+    assert all(re.search(r"\d+\.\d GB/s", line) for line in bandwidth)
+    assert lines[-1] == f"{len(CASES)} of {len(CASES)} cases match"
+
+
+def test_selftest_bad_option_is_one_line():
+    result = _ifp("selftest", "--bits", "7")
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and "--bits" in result.stderr
+
+
+def test_selftest_reports_a_mismatch(monkeypatch):
+    """A gather that drops a channel is caught, case by case, and fails the run."""
+
+    def wrong(bank: Bank, indices: mx.array) -> CompactFFN:
+        return gather_portable(bank, mx.zeros_like(indices))
+
+    monkeypatch.setattr(selftest, "gather_rows", wrong)
+    lines = []
+    spec = selftest.BandwidthBank(layers=1, d_ff=64, d=64, bits=16)
+    assert not selftest.run_selftest(lines.append, spec, rounds=1)
+    mismatched = [line for line in lines if line.startswith("MISMATCH")]
+    assert mismatched and all("portable!=numpy (gate_up, down_t" in line for line in mismatched)
+    assert lines[-1] == f"{len(CASES) - len(mismatched)} of {len(CASES)} cases match"
 
 
 @pytest.mark.parametrize(
@@ -463,9 +463,7 @@ def _compact_float(x: mx.array, gate_up: mx.array, down_t: mx.array) -> mx.array
 
 def _compact_quantized(x: mx.array, c: CompactFFN, l: int) -> mx.array:
     q = dict(group_size=c.group_size, bits=c.bits)
-    h = mx.quantized_matmul(
-        x, c.gate_up[l], c.gate_up_scales[l], c.gate_up_biases[l], transpose=True, **q
-    )
+    h = mx.quantized_matmul(x, c.gate_up[l], c.gate_up_scales[l], c.gate_up_biases[l], transpose=True, **q)
     g, u = mx.split(h, 2, axis=-1)
     return mx.quantized_matmul(
         nn_silu(g) * u, c.down_t[l], c.down_t_scales[l], c.down_t_biases[l], transpose=False, **q
@@ -473,30 +471,26 @@ def _compact_quantized(x: mx.array, c: CompactFFN, l: int) -> mx.array:
 
 
 def test_compact_math_float():
-    layers, d_ff, d, k = 3, 50, 40, round_k(13, 50)
-    bank = Bank(_records(np.random.default_rng(7), layers, d_ff, d) * 0.2)
-    indices = _indices(np.random.default_rng(8), layers, d_ff, k)
-    x = mx.random.normal((5, d), key=mx.random.key(9))
-    compact = gather(bank, indices)
-    for l in range(layers):
+    case = Case(3, 50, 40, round_k(13, 50), mx.float32)
+    bank = Bank(selftest.case_bank(case, seed=7).weight * 0.2)
+    indices = selftest.case_indices(case, seed=8)
+    x = mx.random.normal((5, case.d), key=mx.random.key(9))
+    compact = backend_mod.gather(bank, indices)
+    for l in range(case.layers):
         got = _compact_float(x, compact.gate_up[l], compact.down_t[l])
         want = _dense_masked(x, bank.weight[l], indices[l])
         assert mx.abs(got - want).max().item() <= 1e-4
 
 
-@pytest.mark.parametrize(
-    "bits, group_size, d", [(4, 32, 96), (4, 64, 128), (8, 64, 128), (8, 32, 96)]
-)
+@pytest.mark.parametrize("bits, group_size, d", [(4, 32, 96), (4, 64, 128), (8, 64, 128), (8, 32, 96)])
 def test_compact_math_quantized(bits, group_size, d):
-    layers, d_ff, k = 2, 48, round_k(13, 48)
-    bank = _quantized_bank(11, layers, d_ff, d, bits, group_size, mx.float32)
-    indices = _indices(np.random.default_rng(12), layers, d_ff, k)
+    case = Case(2, 48, d, round_k(13, 48), mx.float32, bits, group_size, mx.float32)
+    bank = selftest.case_bank(case, seed=11)
+    indices = selftest.case_indices(case, seed=12)
     x = mx.random.normal((5, d), key=mx.random.key(13))
-    compact = gather(bank, indices)
-    for l in range(layers):
-        records = mx.dequantize(
-            bank.weight[l], bank.scales[l], bank.biases[l], group_size=group_size, bits=bits
-        )
+    compact = backend_mod.gather(bank, indices)
+    for l in range(case.layers):
+        records = mx.dequantize(bank.weight[l], bank.scales[l], bank.biases[l], group_size=group_size, bits=bits)
         got = _compact_quantized(x, compact, l)
         want = _dense_masked(x, records, indices[l])
         assert mx.abs(got - want).max().item() <= 1e-4

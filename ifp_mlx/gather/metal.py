@@ -61,7 +61,8 @@ def kernel_source(name: str) -> str:
 
 @lru_cache(maxsize=None)
 def _kernel(name: str) -> Any:
-    """Create kernel ``name`` once; MLX compiles it on first use per template."""
+    """Create kernel ``name`` once; MLX compiles it on first use per signature
+    (input and output dtypes, and which inputs are small enough for ``constant``)."""
     spec = KERNELS[name]
     return mx.fast.metal_kernel(
         name=f"ifp_{name}",
@@ -88,7 +89,11 @@ def kernel_launch(bank: Bank, indices: mx.array) -> tuple[str, dict[str, Any]]:
     """The kernel name and the keyword arguments of its call for this gather.
 
     Rows travel as unsigned words (see ``_as_words``); ``compact_from_outputs``
-    views them back as the bank's dtypes.
+    views them back as the bank's dtypes. No template types: the bodies index
+    their inputs directly, so the signature MLX generates from the inputs'
+    dtypes (and sizes: small inputs live in ``constant`` memory) is all they
+    need. Each output takes the dtype of the input it copies, so scales and
+    biases may differ (float16 scales with float32 biases).
     """
     L, k = indices.shape
     weight = _as_words(bank.weight)
@@ -97,22 +102,19 @@ def kernel_launch(bank: Bank, indices: mx.array) -> tuple[str, dict[str, Any]]:
         name = "gather_quantized_records"
         groups = bank.scales.shape[-1]
         inputs = [weight, bank.scales, bank.biases, indices]
-        template = [("T", bank.scales.dtype), ("Q", weight.dtype)]
         grid_x = max(width, groups)
         shapes = [(L, 2 * k, width), (L, k, width)]
         shapes += [(L, 2 * k, groups), (L, 2 * k, groups)]
         shapes += [(L, k, groups), (L, k, groups)]
-        dtypes = [weight.dtype] * 2 + [bank.scales.dtype] * 4
+        dtypes = [weight.dtype] * 2 + [bank.scales.dtype, bank.biases.dtype] * 2
     else:
         name = "gather_records"
         inputs = [weight, indices]
-        template = [("T", weight.dtype)]
         grid_x = width
         shapes = [(L, 2 * k, width), (L, k, width)]
         dtypes = [weight.dtype] * 2
     launch = dict(
         inputs=inputs,
-        template=template,
         grid=(grid_x, k, L),
         threadgroup=_threadgroup(grid_x, k),
         output_shapes=shapes,
