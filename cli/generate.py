@@ -33,6 +33,7 @@ def generate(
     mask: Optional[Path] = typer.Option(None, "--mask", help="mask file for --selector static (from ifp calibrate / ifp masks --save)"),
     predictor: Optional[Path] = typer.Option(None, "--predictor", help="predictor folder for --selector predictor"),
     task: Optional[str] = typer.Option(None, "--task", help="per-task mode: choose the mask once from this instruction"),
+    low_memory: bool = typer.Option(False, "--low-memory", help="keep the FFN bank on disk: read only the selected channels (pruning only)"),
 ) -> None:
     """Stream a reply to each PROMPT with a pruned (or dense) submodel; statistics on stderr.
 
@@ -50,7 +51,9 @@ def generate(
     from ..engine.stats import GenerationConfig, GenerationStats
     from ..model.load import load
 
-    loaded = load(resolve(model), dense=False)
+    path = resolve(model)
+    check_memory(path, selector, keep, k, mask, predictor, low_memory, max_tokens + max(len(t) for t in texts))
+    loaded = load(path, dense=False, low_memory=low_memory)
     chat = not no_chat_template
     token_lists = [
         fitted_tokens(loaded, text, max_tokens, system, chat, truncate, prompt_name(p, i, len(prompts)))
@@ -70,6 +73,20 @@ def generate(
         sys.stdout.write("\n")
         sys.stdout.flush()
         err.print(f"[dim]{stats.summary()}[/dim]", highlight=False, soft_wrap=True)
+
+
+def check_memory(path, selector, keep, k, mask, predictor, low_memory: bool, context_tokens: int) -> None:
+    """Refuse a run that will not fit, before loading anything (ifp_mlx.engine.memory)."""
+    from ..engine.memory import check_fit
+    from ..model.load import read_config
+
+    config = read_config(path)
+    pruning = selector != "dense" and (selector is not None or any(v is not None for v in (keep, k, mask, predictor)))
+    if low_memory and not pruning:
+        raise IFPError("--low-memory reads only the selected channels: it needs pruning (--keep R, or a --selector)")
+    d_ff = config["ifp"]["bank"]["d_ff"]
+    share = keep if keep is not None else (min(k, d_ff) / d_ff if k else 0.5)
+    check_fit(path, config, share if pruning else None, low_memory, context_tokens)
 
 
 def prompt_name(arg: str, index: int, count: int) -> str:

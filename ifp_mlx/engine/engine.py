@@ -21,6 +21,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from ..gather.backend import gather
 from ..model.bank import Bank, CompactFFN, check_indices
+from ..model.bank_file import ReadStats
 from ..model.load import LoadedModel
 from ..select.base import PREFILL_STEP, Selection, Selector
 from ..select.basic import DenseSelector
@@ -40,6 +41,7 @@ class Engine:
         self.cache_size = cache_size
         self.submodels: OrderedDict[bytes, CompactFFN] = OrderedDict()
         self.gathers = 0
+        self.last_read: Optional[ReadStats] = None  # what the last --low-memory gather read from disk
         self.task_selection: Optional[Selection] = None
         if not mx.metal.is_available():
             # CPU's default 32 MiB buffer cache makes every new submodel page-fault.
@@ -59,10 +61,12 @@ class Engine:
         return self.loaded.bank()
 
     def warm_up(self) -> None:
-        """Read what the first reply needs (bank and/or dense FFN) before timing it."""
-        if self.selector.needs_dense:
+        """Read what the first reply needs before timing it: the dense FFN for a
+        dense engine, else the resident bank (nothing in --low-memory mode, where
+        every selection reads its own records)."""
+        if isinstance(self.selector, DenseSelector):
             self.loaded.dense_ffn()
-        if not isinstance(self.selector, DenseSelector):
+        elif not self.loaded.low_memory:
             self.bank
 
     def submodel(self, selection: Selection) -> tuple[CompactFFN, bool]:
@@ -73,8 +77,12 @@ class Engine:
         if key in self.submodels:
             self.submodels.move_to_end(key)
             return self.submodels[key], False
-        ffn = gather(self.bank, selection.indices)
+        if self.loaded.low_memory:
+            ffn, self.last_read = self.loaded.bank_file().gather(selection.indices)
+        else:
+            ffn = gather(self.bank, selection.indices)
         mx.eval(ffn.arrays())
+        mx.clear_cache()  # the selection's and gather's transient buffers: resident memory is the submodel
         self.gathers += 1
         self.submodels[key] = ffn
         while len(self.submodels) > self.cache_size:
@@ -109,6 +117,7 @@ class Engine:
         start = time.perf_counter()
         selection = self.task_selection or self.select(tokens)
         t_select = time.perf_counter()
+        self.last_read = None
         ffn, gathered = self.submodel(selection)
         self.loaded.assign(ffn)
         t_gather = time.perf_counter()
@@ -116,6 +125,7 @@ class Engine:
         self._prefill(tokens[done:-1], cache)
         t_prefill = time.perf_counter()
         stats.submodel = self.info(gathered)
+        stats.read = self.last_read
         stats.prompt_tokens = len(tokens)
         response = None
         sampler = make_sampler(config.temp, config.top_p)
@@ -128,7 +138,7 @@ class Engine:
                 stats.time_to_first_token = now - start
                 stats.phases = {
                     "select": t_select - start,
-                    "gather": t_gather - t_select,
+                    "read" if self.loaded.low_memory else "gather": t_gather - t_select,
                     "prefill": t_prefill - t_gather,
                     "first token": now - t_prefill,
                 }

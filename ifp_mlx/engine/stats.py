@@ -1,7 +1,11 @@
 """Generation settings and the statistics users see after a reply."""
 
+import resource
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
+
+from ..model.bank_file import ReadStats
 
 
 @dataclass
@@ -46,6 +50,13 @@ class GenerationStats:
     finish_reason: Optional[str] = None
     phases: dict = field(default_factory=dict)  # seconds spent before the first token, by phase
     submodel: Optional[SubmodelInfo] = None
+    read: Optional[ReadStats] = None  # --low-memory: the records read from disk for this reply
+
+    @property
+    def peak_rss_gb(self) -> float:
+        """The process's peak resident memory so far (all of it: weights, caches, Python)."""
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
 
     def summary(self) -> str:
         parts = [
@@ -55,7 +66,9 @@ class GenerationStats:
         ]
         if self.phases:
             parts[-1] += " (" + ", ".join(f"{k} {v * 1000:.0f}" for k, v in self.phases.items()) + ")"
-        parts.append(f"peak {self.peak_memory_gb:.2f} GB")
+        if self.read is not None:
+            parts.append(f"read {self.read.bytes / 1e6:.0f} MB from disk in {self.read.seconds * 1000:.0f} ms")
+        parts.append(f"peak {self.peak_memory_gb:.2f} GB (rss {self.peak_rss_gb:.2f} GB)")
         if self.submodel is not None:
             parts.append(self.submodel.describe())
         return " | ".join(parts)

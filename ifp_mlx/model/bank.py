@@ -12,7 +12,7 @@ then k up rows: one matmul computes both) and ``down_t [L, k, W]``.
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import mlx.core as mx
 import numpy as np
@@ -51,25 +51,38 @@ class Bank:
         return self.weight.shape[-1]
 
 
+Layers = Union[mx.array, list[mx.array]]
+
+
 @dataclass
 class CompactFFN:
-    """The gathered submodel FFN of every layer (width k)."""
+    """The gathered submodel FFN of every layer (width k).
 
-    gate_up: mx.array  # [L, 2k, W]
-    down_t: mx.array  # [L, k, W]
-    gate_up_scales: Optional[mx.array] = None
-    gate_up_biases: Optional[mx.array] = None
-    down_t_scales: Optional[mx.array] = None
-    down_t_biases: Optional[mx.array] = None
+    Each field is one stacked array ``[L, ...]`` (a gather from the resident
+    bank, one dispatch) or a list of L per-layer arrays (built a layer at a time
+    from disk, so no layer is ever held twice); ``field[i]`` is layer i either way.
+    """
+
+    gate_up: Layers  # [L, 2k, W]
+    down_t: Layers  # [L, k, W]
+    gate_up_scales: Optional[Layers] = None
+    gate_up_biases: Optional[Layers] = None
+    down_t_scales: Optional[Layers] = None
+    down_t_biases: Optional[Layers] = None
     bits: Optional[int] = None
     group_size: Optional[int] = None
 
     @property
     def k(self) -> int:
-        return self.down_t.shape[1]
+        return self.down_t[0].shape[0]
 
     def arrays(self) -> list[mx.array]:
-        return [v for v in vars(self).values() if isinstance(v, mx.array)]
+        values = [v for v in vars(self).values() if isinstance(v, (mx.array, list))]
+        return [a for v in values for a in (v if isinstance(v, list) else [v])]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays())
 
     @property
     def quantized(self) -> bool:

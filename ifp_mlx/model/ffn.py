@@ -6,7 +6,7 @@ projection. The same module serves the dense model (all channels) and every
 pruned submodel, so switching selections only swaps arrays, never modules.
 """
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,6 +22,17 @@ def _geglu(gate: mx.array, x: mx.array) -> mx.array:
 GLU = {"silu": swiglu, "gelu_approx": _geglu}
 
 
+def layer_of(field: Union[mx.array, list[mx.array]], i: int) -> mx.array:
+    """Layer i of a CompactFFN field, as a view.
+
+    ``a[i]`` on an MLX array copies (it is a gather); a slice is a view of the
+    same buffer. Indexing would keep a second copy of every submodel.
+    """
+    if isinstance(field, list):
+        return field[i]
+    return field[i : i + 1].reshape(field.shape[1:])
+
+
 class CompactMLP(nn.Module):
     def __init__(self, activation: str, layer: int):
         super().__init__()
@@ -35,22 +46,42 @@ class CompactMLP(nn.Module):
         self.observer: Optional[Callable[[int, mx.array], None]] = None
         # Multiplies the activations: zeroes channels (reference) or soft masks (training).
         self.channel_mask: Optional[mx.array] = None
+        # Builds this layer's dense FFN from the bank per call (dense passes, no dense copy kept).
+        self.records: Optional[Callable[[], CompactFFN]] = None
 
     def assign(self, ffn: CompactFFN) -> None:
         """Point this layer at its slice of a gathered compact FFN."""
-        i = self.layer
-        self.gate_up = ffn.gate_up[i]
-        self.down_t = ffn.down_t[i]
+        self.records = None
+        self._set(ffn, self.layer)
+
+    def assign_records(self, records: Callable[[], CompactFFN]) -> None:
+        """Compute every channel from the bank, building this layer's dense FFN
+        (``records()``, a one-layer CompactFFN) afresh in each call and dropping it after.
+
+        For dense *passes* (activation scoring, calibration): a transient
+        layer-sized copy per call instead of a dense copy of the whole FFN kept
+        beside the bank.
+        """
+        for name in ("gate_up", "down_t", "gate_up_scales", "gate_up_biases", "down_t_scales", "down_t_biases"):
+            if name in self:
+                del self[name]
+        self.records = records
+
+    def _set(self, ffn: CompactFFN, i: int) -> None:
+        self.gate_up = layer_of(ffn.gate_up, i)
+        self.down_t = layer_of(ffn.down_t, i)
         self.bits, self.group_size = ffn.bits, ffn.group_size
         if ffn.quantized:
-            self.gate_up_scales, self.gate_up_biases = ffn.gate_up_scales[i], ffn.gate_up_biases[i]
-            self.down_t_scales, self.down_t_biases = ffn.down_t_scales[i], ffn.down_t_biases[i]
+            self.gate_up_scales, self.gate_up_biases = layer_of(ffn.gate_up_scales, i), layer_of(ffn.gate_up_biases, i)
+            self.down_t_scales, self.down_t_biases = layer_of(ffn.down_t_scales, i), layer_of(ffn.down_t_biases, i)
 
     @property
     def width(self) -> int:
         return self.down_t.shape[0]
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.records is not None:
+            return self._call_records(x)
         if self.bits is None:
             gate_up = x @ self.gate_up.T
         else:
@@ -70,3 +101,15 @@ class CompactMLP(nn.Module):
             hidden, self.down_t, self.down_t_scales, self.down_t_biases,
             transpose=False, group_size=self.group_size, bits=self.bits,
         )
+
+    def _call_records(self, x: mx.array) -> mx.array:
+        """One call on a layer built from the bank, then dropped (see assign_records)."""
+        records = self.records
+        self.records = None
+        try:
+            self._set(records(), 0)
+            out = self(x)
+            mx.eval(out)  # now, so only this layer's copy is ever alive
+            return out
+        finally:
+            self.assign_records(records)

@@ -8,6 +8,7 @@ submodel, are assigned to the CompactMLPs afterwards.
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -18,12 +19,25 @@ from mlx_lm.utils import _get_classes, load_tokenizer
 
 from ..errors import IFPError
 from .bank import Bank, CompactFFN, dense_ffn
+from .bank_file import BankFile
 from .families import UnsupportedFamily, family_for
 from .ffn import CompactMLP
 
 
 @dataclass
 class LoadedModel:
+    """A loaded model folder: the mlx-lm model with CompactMLPs, and its FFN bank.
+
+    Where the FFN comes from depends on the mode:
+    - resident (default): the bank is read into memory once, on the first
+      gather; pruned submodels are gathered from it; dense passes of the
+      selectors compute from it layer by layer (no dense copy kept beside it);
+    - ``low_memory``: the bank stays on disk; each selection reads only its
+      channel records (:class:`BankFile`), dense passes read a layer at a time;
+    - dense generation builds the dense FFN once, a layer at a time from the
+      file, without ever holding the bank.
+    """
+
     path: Path
     config: dict
     model: nn.Module
@@ -31,6 +45,8 @@ class LoadedModel:
     mlps: list[CompactMLP]
     dense: Optional[CompactFFN] = None  # every channel, once built
     resident_bank: Optional[Bank] = None  # the bank, once something gathers from it
+    low_memory: bool = False
+    _bank_file: Optional[BankFile] = None
 
     @property
     def ifp(self) -> dict:
@@ -44,33 +60,80 @@ class LoadedModel:
     def d_ff(self) -> int:
         return self.ifp["bank"]["d_ff"]
 
+    @property
+    def bank_path(self) -> Path:
+        return self.path / self.ifp["bank"]["file"]
+
+    def bank_file(self) -> BankFile:
+        """The bank file opened for positioned reads (its header only is read)."""
+        if self._bank_file is None:
+            quant = self.ifp.get("quantization") or {}
+            self._bank_file = BankFile.open(self.bank_path, quant.get("bits"), quant.get("group_size"))
+        return self._bank_file
+
     def bank(self) -> Bank:
         """The FFN bank, read once and kept in memory (gathers come from it)."""
+        if self.low_memory:
+            raise IFPError("internal: the resident bank was asked for in --low-memory mode")
         if self.resident_bank is None:
-            self.resident_bank = self._read_bank()
-            mx.eval(self.resident_bank.weight, self.resident_bank.scales, self.resident_bank.biases)
+            arrays = mx.load(str(self.bank_path))
+            quant = self.ifp.get("quantization")
+            if quant:
+                bank = Bank(arrays["bank.weight"], arrays["bank.scales"], arrays["bank.biases"], quant["bits"], quant["group_size"])
+            else:
+                bank = Bank(arrays["bank.weight"])
+            mx.eval(bank.weight, bank.scales, bank.biases)
+            self.resident_bank = bank
         return self.resident_bank
 
-    def _read_bank(self) -> Bank:
-        """The FFN bank, lazily loaded (evaluating it reads the file)."""
-        arrays = mx.load(str(self.path / self.ifp["bank"]["file"]))
-        quant = self.ifp.get("quantization")
-        if quant:
-            return Bank(arrays["bank.weight"], arrays["bank.scales"], arrays["bank.biases"], quant["bits"], quant["group_size"])
-        return Bank(arrays["bank.weight"])
+    def layer_bank(self, layer: int) -> Bank:
+        """One layer's records ``[1, d_ff, 3, X]``: a view of the resident bank, else read from disk."""
+        bank = self.resident_bank
+        if bank is None:
+            return self.bank_file().layer(layer)
+        pick = slice(layer, layer + 1)
+        if not bank.quantized:
+            return Bank(bank.weight[pick])
+        return Bank(bank.weight[pick], bank.scales[pick], bank.biases[pick], bank.bits, bank.group_size)
 
     def dense_ffn(self) -> CompactFFN:
-        """Every channel (built from the bank once, then kept)."""
+        """Every channel (built once, then kept): from the resident bank when it is
+        in memory, else a layer at a time from the file, so the bank and its
+        dense copy are never both held."""
         if self.dense is None:
-            # A dense-only session never needs the bank itself: read it transiently.
-            self.dense = dense_ffn(self.resident_bank or self._read_bank())
-            mx.eval(self.dense.arrays())
+            if self.resident_bank is not None:
+                self.dense = dense_ffn(self.resident_bank)
+                mx.eval(self.dense.arrays())
+            else:
+                self.dense = stack_layers([self.dense_layer(i) for i in range(self.num_layers)])
         return self.dense
+
+    def dense_layer(self, layer: int) -> CompactFFN:
+        """One layer's dense FFN ``[1, ...]``, built and evaluated now."""
+        ffn = dense_ffn(self.layer_bank(layer))
+        mx.eval(ffn.arrays())
+        return ffn
+
+    def dense_pass(self) -> None:
+        """Every layer computes all channels, for a scoring pass: with the dense FFN
+        when it is built, else from the bank a layer at a time (no dense copy)."""
+        if self.dense is not None:
+            self.assign(self.dense)
+            return
+        for mlp in self.mlps:
+            mlp.assign_records(partial(self.dense_layer, mlp.layer))
 
     def assign(self, ffn: CompactFFN) -> None:
         """Make every layer compute with ``ffn`` (dense or a gathered submodel)."""
         for mlp in self.mlps:
             mlp.assign(ffn)
+
+
+def stack_layers(layers: list[CompactFFN]) -> CompactFFN:
+    """One CompactFFN whose fields list the layers' own (one-layer) arrays."""
+    first = layers[0]
+    fields = {name: [getattr(f, name)[0] for f in layers] for name, v in vars(first).items() if isinstance(v, mx.array)}
+    return CompactFFN(**fields, bits=first.bits, group_size=first.group_size)
 
 
 def read_config(path: Path) -> dict:
@@ -83,8 +146,9 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def load(path: str | Path, dense: bool = True) -> LoadedModel:
-    """Load a model folder. With ``dense`` the full FFN is assigned and evaluated."""
+def load(path: str | Path, dense: bool = True, low_memory: bool = False) -> LoadedModel:
+    """Load a model folder. With ``dense`` the full FFN is assigned and evaluated;
+    with ``low_memory`` the FFN bank stays on disk (see :class:`LoadedModel`)."""
     path = Path(path)
     config = read_config(path)
     try:
@@ -105,7 +169,7 @@ def load(path: str | Path, dense: bool = True) -> LoadedModel:
         )
     _load_weights(model, weights, path)
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-    loaded = LoadedModel(path, config, model, tokenizer, mlps)
+    loaded = LoadedModel(path, config, model, tokenizer, mlps, low_memory=low_memory)
     # The non-FFN weights first: building the dense FFN while they are still lazy
     # keeps the whole bank alive beside its dense copy (857 MB live for SmolLM2's
     # 542 MB fp32 files, against 538 MB in this order).

@@ -37,7 +37,7 @@ class ActivationScores:
         """
         if cache is None and skip:
             cache = make_prompt_cache(self.loaded.model)
-        self.loaded.assign(self.loaded.dense_ffn())
+        self.loaded.dense_pass()
         for mlp in self.loaded.mlps:
             mlp.observer = self._observe
         try:

@@ -32,8 +32,8 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from ..errors import IFPError
 from ..files import atomic_folder
-from ..model.bank import Bank, CompactFFN, dense_ffn
-from ..model.load import LoadedModel, load
+from ..model.bank import CompactFFN
+from ..model.load import LoadedModel, load, stack_layers
 from ..model.masks import check_fingerprint
 from ..model.predictor_head import (
     BACKBONE_FOLDER,
@@ -72,21 +72,14 @@ class Backbone:
         return self.loaded.ifp["bank"]["hidden_size"]
 
     def prepare(self) -> None:
-        """Shared: build the dense FFN of the first N layers once (from the bank)."""
+        """Shared: the dense FFN of the first N layers, built once (a copy of just
+        those layers, from the resident bank or read from disk)."""
         if not self.shared or self.ffn is not None:
             return
         if self.loaded.dense is not None:
             self.ffn = self.loaded.dense
             return
-        bank, n = self.loaded.bank(), self.layers
-        first = Bank(
-            bank.weight[:n],
-            None if bank.scales is None else bank.scales[:n],
-            None if bank.biases is None else bank.biases[:n],
-            bank.bits, bank.group_size,
-        )
-        self.ffn = dense_ffn(first)
-        mx.eval(self.ffn.arrays())
+        self.ffn = stack_layers([self.loaded.dense_layer(i) for i in range(self.layers)])
 
     def encode(self, tokens: list[int], tokenizer) -> list[int]:
         """The prompt in the backbone's vocabulary (re-tokenized from text if it differs)."""
