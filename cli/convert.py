@@ -13,7 +13,7 @@ def convert(
     src: Path = typer.Argument(..., help="HF folder, .safetensors/.bin/.pt/.pth state dict, or .gguf file"),
     out: Path = typer.Argument(..., help="output model folder"),
     config: Optional[Path] = typer.Option(None, "--config", help="config.json for a single state-dict file"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (default: the source's)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (default: the source's; for GGUF float32 on a CPU, float16 on an Apple GPU)"),
     quantize: bool = typer.Option(False, "-q", "--quantize", help="affine-quantize weights and the FFN bank"),
     bits: int = typer.Option(4, "--bits", help="bits per weight with -q"),
     group_size: int = typer.Option(64, "--group-size", help="quantization group size with -q"),
@@ -30,7 +30,8 @@ def convert(
     with byte_progress("converting") as progress:
         summary = run_convert(src, out, options, config_path=config, progress=progress_callback(progress, "converting"))
     err.print(
-        f"wrote {summary.out}: {summary.parameters / 1e6:.1f}M parameters, "
+        f"wrote {summary.out}: {summary.parameters / 1e6:.1f}M parameters in {summary.dtype}"
+        f"{f' ({summary.dtype_reason})' if summary.dtype_reason else ''}, "
         f"{summary.bytes_written / 1e6:.1f} MB in {summary.seconds:.1f} s",
         highlight=False,
     )

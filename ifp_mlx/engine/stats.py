@@ -1,8 +1,10 @@
 """Generation settings and the statistics users see after a reply."""
 
+import re
 import resource
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from ..model.bank_file import ReadStats
@@ -55,8 +57,7 @@ class GenerationStats:
     @property
     def peak_rss_gb(self) -> float:
         """The process's peak resident memory so far (all of it: weights, caches, Python)."""
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
+        return peak_rss() / 1e9
 
     def summary(self) -> str:
         parts = [
@@ -72,3 +73,15 @@ class GenerationStats:
         if self.submodel is not None:
             parts.append(self.submodel.describe())
         return " | ".join(parts)
+
+
+def peak_rss() -> int:
+    """Peak resident bytes of this process: Linux's VmHWM (reset by exec, unlike
+    ru_maxrss, which a child keeps from the parent it forked from), else ru_maxrss."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        match = re.search(r"^VmHWM:\s+(\d+) kB", status.read_text(), re.M)
+        if match:
+            return int(match.group(1)) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
