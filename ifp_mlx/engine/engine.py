@@ -109,24 +109,42 @@ class Engine:
         pruned = 3 * d * (self.loaded.d_ff - self.k) * self.loaded.num_layers
         return SubmodelInfo(self.k, self.loaded.d_ff, self.requested_k, total - pruned, total, gathered, self.gathers, self.selector.name)
 
-    def generate(self, tokens: list[int], config: GenerationConfig, stats: GenerationStats) -> Iterator[str]:
-        """Stream the reply to ``tokens``; ``stats`` gets the phase timings."""
+    def generate(
+        self, tokens: list[int], config: GenerationConfig, stats: GenerationStats,
+        selection: Optional[Selection] = None, cache: Optional[list] = None, cached: int = 0,
+        select_from: Optional[list[int]] = None,
+    ) -> Iterator[str]:
+        """Stream the reply to ``tokens``; ``stats`` gets the phase timings.
+
+        ``selection``: a mask chosen before (a conversation's, a task's); else
+        the selector chooses from ``select_from`` (a conversation's first turn),
+        or from ``tokens``. ``cache``: a KV cache of that
+        selection's submodel already holding ``tokens[:cached]`` (a conversation's
+        earlier turns); it is extended in place. Closing the generator stops the
+        reply; ``stats.token_ids`` has what was generated.
+        """
         if config.seed is not None:
             mx.random.seed(config.seed)
         mx.reset_peak_memory()
         start = time.perf_counter()
-        selection = self.task_selection or self.select(tokens)
+        if selection is None and select_from is not None:
+            # a conversation's mask: its KV must be the submodel's own, not a selector's dense prefill
+            selection = Selection(self.select(select_from).indices)
+        selection = selection or self.task_selection or self.select(tokens)
         t_select = time.perf_counter()
         self.last_read = None
         ffn, gathered = self.submodel(selection)
         self.loaded.assign(ffn)
         t_gather = time.perf_counter()
-        cache, done = self._reusable_cache(selection, len(tokens))
-        self._prefill(tokens[done:-1], cache)
+        reused = cached if cache is not None and 0 <= cached < len(tokens) else 0
+        if not reused:  # no conversation's KV: maybe the selector's dense prefill of the prompt
+            cache, cached = self._reusable_cache(selection, len(tokens))
+        self._prefill(tokens[cached:-1], cache)
         t_prefill = time.perf_counter()
         stats.submodel = self.info(gathered)
         stats.read = self.last_read
-        stats.prompt_tokens = len(tokens)
+        stats.prompt_tokens, stats.cached_tokens = len(tokens), reused
+        stats.selection, stats.cache = selection, cache
         response = None
         sampler = make_sampler(config.temp, config.top_p)
         for response in stream_generate(
@@ -143,8 +161,9 @@ class Engine:
                     "first token": now - t_prefill,
                 }
                 model_time = now - t_gather + (t_select - start if selection.prompt_cache is not None else 0)
-                stats.prompt_tps = len(tokens) / model_time
+                stats.prompt_tps = (len(tokens) - cached) / model_time
             stats.generation_tokens = response.generation_tokens
+            stats.token_ids.append(response.token)
             yield response.text
         if response is not None:
             stats.generation_tps = response.generation_tps

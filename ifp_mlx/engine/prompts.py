@@ -27,12 +27,20 @@ def prompt_tokens(
     tokenizer: TokenizerWrapper, prompt: str, system: Optional[str] = None, chat_template: bool = True
 ) -> list[int]:
     """Token ids of the prompt, through the chat template when there is one."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return chat_tokens(tokenizer, messages, chat_template)
+
+
+def chat_tokens(tokenizer: TokenizerWrapper, messages: list[dict], chat_template: bool = True) -> list[int]:
+    """Token ids of a conversation, ready for the assistant's next turn.
+
+    Through the chat template when the model has one; else the contents
+    joined by blank lines (a base model continues the text).
+    """
     if chat_template and tokenizer.chat_template is not None:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
-    text = f"{system}\n\n{prompt}" if system else prompt
-    return tokenizer.encode(text)
+    return tokenizer.encode("\n\n".join(m["content"] for m in messages))
 
 
 def context_length(config: dict) -> Optional[int]:

@@ -5,7 +5,7 @@ import resource
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..model.bank_file import ReadStats
 
@@ -53,6 +53,10 @@ class GenerationStats:
     phases: dict = field(default_factory=dict)  # seconds spent before the first token, by phase
     submodel: Optional[SubmodelInfo] = None
     read: Optional[ReadStats] = None  # --low-memory: the records read from disk for this reply
+    cached_tokens: int = 0  # prompt tokens whose KV came from a cache (a conversation's earlier turns)
+    token_ids: list = field(default_factory=list)  # the generated tokens
+    selection: Optional[Any] = None  # the Selection the reply was generated with
+    cache: Optional[list] = None  # its KV cache after the reply (for the next turn)
 
     @property
     def peak_rss_gb(self) -> float:
@@ -61,7 +65,8 @@ class GenerationStats:
 
     def summary(self) -> str:
         parts = [
-            f"prompt {self.prompt_tokens} tok {self.prompt_tps:.1f} tok/s",
+            f"prompt {self.prompt_tokens} tok" + (f" ({self.cached_tokens} cached)" if self.cached_tokens else "")
+            + f" {self.prompt_tps:.1f} tok/s",
             f"generated {self.generation_tokens} tok {self.generation_tps:.1f} tok/s",
             f"ttft {self.time_to_first_token * 1000:.0f} ms",
         ]
