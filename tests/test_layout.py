@@ -111,11 +111,11 @@ def test_no_import_cycle_between_stages():
 
 
 def test_the_stages_point_one_way():
-    """model <- select <- gather/engine <- train/evaluate/bench <- cli; convert beside."""
+    """model <- select <- gather/engine <- chat/serve/train/evaluate/bench <- cli; convert beside."""
     rank = {
         "ifp_mlx": 0, "ifp_mlx.model": 1, "ifp_mlx.data": 1, "ifp_mlx.select": 2, "ifp_mlx.gather": 2,
         "ifp_mlx.convert": 3, "ifp_mlx.engine": 3, "ifp_mlx.train": 4, "ifp_mlx.evaluate": 4,
-        "ifp_mlx.bench": 4, "ifp_mlx.cli": 5, "ifp_mlx.metal_kernels": 0,
+        "ifp_mlx.bench": 4, "ifp_mlx.chat": 4, "ifp_mlx.serve": 4, "ifp_mlx.cli": 5, "ifp_mlx.metal_kernels": 0,
     }
     upward = [
         f"{name} -> {dep}" for name, deps in graph().items() for dep in deps

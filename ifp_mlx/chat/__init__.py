@@ -1,0 +1,1 @@
+"""Chat: the terminal REPL over a conversation (``ifp chat``)."""

@@ -1,0 +1,1 @@
+"""Serve: a local OpenAI-compatible HTTP server (``ifp serve``)."""
