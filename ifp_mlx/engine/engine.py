@@ -135,6 +135,7 @@ class Engine:
         self.last_read = None
         ffn, gathered = self.submodel(selection)
         self.loaded.assign(ffn)
+        self.loaded.use_adapter(self.selector.adapter if selection.indices is not None else None)
         t_gather = time.perf_counter()
         reused = cached if cache is not None and 0 <= cached < len(tokens) else 0
         if not reused:  # no conversation's KV: maybe the selector's dense prefill of the prompt

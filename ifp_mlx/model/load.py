@@ -19,6 +19,7 @@ from mlx_lm.utils import _get_classes, load_tokenizer
 
 from ..errors import IFPError
 from .bank import Bank, CompactFFN, dense_ffn
+from .adapter import Adapter
 from .bank_file import BankFile
 from .families import UnsupportedFamily, family_for
 from .ffn import CompactMLP
@@ -47,6 +48,7 @@ class LoadedModel:
     resident_bank: Optional[Bank] = None  # the bank, once something gathers from it
     low_memory: bool = False
     _bank_file: Optional[BankFile] = None
+    adapter: Optional[Adapter] = None  # the LoRA adapter applied now, if any
 
     @property
     def ifp(self) -> dict:
@@ -116,12 +118,24 @@ class LoadedModel:
 
     def dense_pass(self) -> None:
         """Every layer computes all channels, for a scoring pass: with the dense FFN
-        when it is built, else from the bank a layer at a time (no dense copy)."""
+        when it is built, else from the bank a layer at a time (no dense copy).
+        Without adapters: they belong to pruned submodels."""
+        self.use_adapter(None)
         if self.dense is not None:
             self.assign(self.dense)
             return
         for mlp in self.mlps:
             mlp.assign_records(partial(self.dense_layer, mlp.layer))
+
+    def use_adapter(self, adapter: Optional[Adapter]) -> None:
+        """Apply ``adapter`` (None: none), taking off whichever was applied before."""
+        if adapter is self.adapter:
+            return
+        if self.adapter is not None:
+            self.adapter.disable(self.model)
+        if adapter is not None:
+            adapter.enable(self.model)
+        self.adapter = adapter
 
     def assign(self, ffn: CompactFFN) -> None:
         """Make every layer compute with ``ffn`` (dense or a gathered submodel)."""

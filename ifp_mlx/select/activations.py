@@ -58,6 +58,7 @@ class ActivationSelector:
 
     name = "activations"
     needs_dense = True
+    adapter = None  # LoRA weights applied to pruned submodels (a jointly trained predictor's)
 
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded

@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import IFPError
+from ..model.adapter import Adapter
 
 PREFILL_STEP = 512  # tokens per forward pass when a prompt is run in chunks
 
@@ -39,10 +40,13 @@ class Selector(Protocol):
     runs the dense model over the prompt (so the dense FFN must be at hand).
     ``default_k(d_ff)``: the channels per layer it keeps when the user names no
     size (a mask file its own k, a predictor the keep it was trained for).
+    ``adapter``: LoRA weights the engine applies while a pruned submodel of this
+    selector's runs (``ifp_mlx.model.adapter``), or None.
     """
 
     name: str
     needs_dense: bool
+    adapter: Optional[Adapter]
 
     def select(self, tokens: list[int], k: int) -> Selection: ...
 

@@ -12,6 +12,7 @@ class DenseSelector:
 
     name = "dense"
     needs_dense = True
+    adapter = None  # LoRA weights applied to pruned submodels (a jointly trained predictor's)
 
     def default_k(self, d_ff: int) -> int:
         return d_ff
@@ -25,6 +26,7 @@ class RandomSelector:
 
     name = "random"
     needs_dense = False
+    adapter = None  # LoRA weights applied to pruned submodels (a jointly trained predictor's)
 
     def __init__(self, loaded: LoadedModel, seed: int = 0):
         self.loaded, self.seed = loaded, seed

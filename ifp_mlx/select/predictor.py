@@ -32,6 +32,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from ..errors import IFPError
 from ..files import atomic_folder
+from ..model.adapter import ADAPTER_FILE, LORA_SCALE, Adapter, load_adapter, save_adapter
 from ..model.bank import CompactFFN
 from ..model.load import LoadedModel, load, stack_layers
 from ..model.masks import check_fingerprint
@@ -225,9 +226,10 @@ class PredictorSelector:
 
     name = "predictor"
     needs_dense = False
+    adapter = None  # LoRA weights applied to pruned submodels (a jointly trained predictor's)
 
-    def __init__(self, loaded: LoadedModel, predictor: Predictor, keep: float = DEFAULT_KEEP):
-        self.loaded, self.predictor, self.keep = loaded, predictor, keep
+    def __init__(self, loaded: LoadedModel, predictor: Predictor, keep: float = DEFAULT_KEEP, adapter: Optional[Adapter] = None):
+        self.loaded, self.predictor, self.keep, self.adapter = loaded, predictor, keep, adapter
 
     @classmethod
     def for_model(cls, loaded: LoadedModel, path: Optional[str | Path] = None) -> "PredictorSelector":
@@ -240,7 +242,7 @@ class PredictorSelector:
                     "(make one with `ifp convert-predictor`)"
                 )
         predictor, config = load_predictor(path, loaded)
-        return cls(loaded, predictor, config.get("keep", DEFAULT_KEEP))
+        return cls(loaded, predictor, config.get("keep", DEFAULT_KEEP), load_adapter(Path(path), config))
 
     def default_k(self, d_ff: int) -> int:
         return resolve_k(d_ff, self.keep)
@@ -306,12 +308,14 @@ def load_predictor(path: str | Path, loaded: LoadedModel) -> tuple[Predictor, di
 
 
 def save_predictor(
-    path: str | Path, predictor: Predictor, target_config: dict, keep: float = DEFAULT_KEEP, force: bool = False
+    path: str | Path, predictor: Predictor, target_config: dict, keep: float = DEFAULT_KEEP, force: bool = False,
+    adapted: Optional[nn.Module] = None,
 ) -> Path:
     """Write a predictor folder atomically.
 
     A separate backbone's model folder is copied into ``backbone/`` as it is on
     disk, so the folder stands alone (weights changed in memory are not saved).
+    ``adapted``: a model trained with LoRA adapters, saved beside the head.
     """
     backbone = predictor.backbone
     if backbone is None:
@@ -321,5 +325,9 @@ def save_predictor(
         if not backbone.shared:
             shutil.copytree(backbone.loaded.path, tmp / BACKBONE_FOLDER)
             spec = BACKBONE_FOLDER
-        write_predictor_files(tmp, predictor, target_config, keep, spec)
+        extra = {}
+        if adapted is not None:
+            save_adapter(tmp, adapted)
+            extra["adapter"] = {"file": ADAPTER_FILE, "scale": LORA_SCALE, "keep": keep}
+        write_predictor_files(tmp, predictor, target_config, keep, spec, **extra)
     return Path(path)

@@ -17,6 +17,7 @@ class StaticSelector:
 
     name = "static"
     needs_dense = False
+    adapter = None  # LoRA weights applied to pruned submodels (a jointly trained predictor's)
 
     def __init__(self, loaded: LoadedModel, mask_path: Optional[str] = None):
         self.loaded = loaded

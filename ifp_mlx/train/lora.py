@@ -18,12 +18,10 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from ..errors import IFPError
+from ..model.adapter import LORA_SCALE
 
 # The attention linears that get adapters, as named inside one transformer block.
 ATTENTION_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-# The adapter adds ``LORA_SCALE * x @ A @ B``: the scale this trainer has always used,
-# passed explicitly because mlx-lm's default (20.0) would weigh the same A, B ten times more.
-LORA_SCALE = 2.0
 LORA_DROPOUT = 0.0  # a predictor run is a few hundred steps: nothing to regularise away
 
 

@@ -401,11 +401,14 @@ def start_predictor(
 
 
 def export(trainer: Trainer, path: Path, force: bool = False) -> Path:
-    """Write the predictor folder (and, with LoRA, the merged model beside it)."""
-    if trainer.config.train_llm == "lora":
-        merge_lora(trainer.loaded.model)
-        write_merged_model(trainer.loaded, path.parent / f"{path.name}-model", force)
-    return save_predictor(path, trainer.predictor, trainer.loaded.config, trainer.config.keep, force=force)
+    """Write the predictor folder; with LoRA, its adapter beside the head (applied
+    only to pruned submodels) and a merged copy of the model beside the folder."""
+    if trainer.config.train_llm != "lora":
+        return save_predictor(path, trainer.predictor, trainer.loaded.config, trainer.config.keep, force=force)
+    saved = save_predictor(path, trainer.predictor, trainer.loaded.config, trainer.config.keep, force=force, adapted=trainer.loaded.model)
+    merge_lora(trainer.loaded.model)
+    write_merged_model(trainer.loaded, path.parent / f"{path.name}-model", force)
+    return saved
 
 
 def write_merged_model(loaded: LoadedModel, out: Path, force: bool) -> None:

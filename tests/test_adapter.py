@@ -1,0 +1,82 @@
+"""Adapters trained with a predictor: used only when pruning, exact against the masked reference."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_train import make_trainer
+
+from ifp_mlx.engine.engine import Engine
+from ifp_mlx.engine.stats import GenerationConfig, GenerationStats
+from ifp_mlx.model.adapter import ADAPTER_FILE
+from ifp_mlx.model.bank import gather_rows
+from ifp_mlx.model.load import load
+from ifp_mlx.select.choose import choose
+from ifp_mlx.train.trainer import export
+
+TOKENS = mx.array([[3, 5, 7, 9, 11, 13]])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model and a predictor trained jointly with LoRA (exported with its adapter)."""
+    root = tmp_path_factory.mktemp("adapter")
+    from ifp_mlx.convert import ConvertOptions, convert
+    from tiny import write_hf_folder
+
+    write_hf_folder(root / "hf", "llama", intermediate_size=64, num_hidden_layers=3)
+    convert(root / "hf", root / "model", ConvertOptions(dtype="float32"))
+    trainer = make_trainer(root / "model", root / "work", stage="sft", steps=3, train_llm="lora", learning_rate=1e-2)
+    trainer.train()
+    export(trainer, root / "pred")
+    return root / "model", root / "pred"
+
+
+def test_the_adapter_is_saved_beside_the_predictor(trained):
+    _, pred = trained
+    config = json.loads((pred / "config.json").read_text())
+    assert config["adapter"]["file"] == ADAPTER_FILE and (pred / ADAPTER_FILE).is_file()
+
+
+def logits(loaded) -> np.ndarray:
+    return np.array(loaded.model(TOKENS))
+
+
+def test_dense_stays_bit_identical_after_pruned_runs(trained):
+    model, pred = trained
+    plain = logits(load(model))
+    loaded = load(model, dense=False)
+    engine = Engine.for_choice(loaded, choose(loaded, "predictor", keep=0.5, predictor=pred))
+    assert engine.selector.adapter is not None
+    "".join(engine.generate([3, 5, 7], GenerationConfig(max_tokens=3), GenerationStats()))
+    assert loaded.adapter is engine.selector.adapter  # applied while pruned
+    dense = Engine.for_choice(loaded, choose(loaded))
+    "".join(dense.generate([3, 5, 7], GenerationConfig(max_tokens=3), GenerationStats()))
+    assert loaded.adapter is None
+    np.testing.assert_array_equal(logits(loaded), plain)
+
+
+def test_pruned_with_the_adapter_equals_the_masked_reference_with_it(trained):
+    model, pred = trained
+    loaded = load(model, dense=False)
+    selector = choose(loaded, "predictor", keep=0.5, predictor=pred).selector
+    k = selector.default_k(loaded.d_ff)
+    indices = selector.select([3, 5, 7], k).indices
+    loaded.use_adapter(selector.adapter)
+    loaded.assign(gather_rows(loaded.bank(), indices))
+    compact = logits(loaded)
+    # the reference: the dense FFN with every unselected channel zeroed, the same adapter on
+    loaded.assign(loaded.dense_ffn())
+    mask = np.zeros((loaded.num_layers, loaded.d_ff), np.float32)
+    np.put_along_axis(mask, np.array(indices).astype(np.int64), 1.0, axis=1)
+    for mlp, row in zip(loaded.mlps, mask):
+        mlp.channel_mask = mx.array(row)
+    reference = logits(loaded)
+    for mlp in loaded.mlps:
+        mlp.channel_mask = None
+    loaded.use_adapter(None)
+    loaded.assign(gather_rows(loaded.bank(), indices))
+    without = logits(loaded)  # the same submodel without the adapter
+    np.testing.assert_allclose(compact, reference, rtol=1e-4, atol=1e-4)
+    assert np.abs(compact - without).max() > 1e-4  # the adapter does something
