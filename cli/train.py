@@ -39,6 +39,8 @@ def train(
     """Train the predictor: distil target masks, then (optionally) SFT through the masked LLM.
 
     Example: ifp train data/code.train.jsonl data/math.train.jsonl --out smollm2-predictor --stage distill --steps 300
+
+    Data-parallel on several processes (one machine or a few Macs): mlx.launch -n 2 --backend ring -- ifp train ...
     """
     from ..data.records import read_records
     from ..errors import IFPError
@@ -80,5 +82,7 @@ def train(
             progress.update(task, completed=step, info=info)
 
         trainer.train(update)
+    if not trainer.is_writer:  # data-parallel: the first process writes the folder
+        return
     path = export(trainer, out, force=True)
     err.print(f"wrote {path} (k {trainer.k}/{loaded.d_ff} per layer, {trainer.step} steps)", highlight=False)

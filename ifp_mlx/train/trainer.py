@@ -33,7 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..engine.prompts import prompt_tokens
 from ..errors import IFPError
@@ -198,20 +198,32 @@ class Trainable(nn.Module):
         self.llm = model  # frozen but for LoRA adapters; None when the LLM is not trained
 
 
-def distill_loss(trainable: Trainable, features: mx.array, targets: mx.array, k: int) -> mx.array:
-    """Class-balanced binary cross-entropy between scores and a target mask."""
+def distill_weights(targets: mx.array, k: int) -> mx.array:
+    """Class balance: the k kept channels weigh as much as the d_ff - k others."""
+    d_ff = targets.shape[-1]
+    return mx.where(targets > 0, (d_ff - k) / k, 1.0)
+
+
+def distill_loss(
+    trainable: Trainable, features: mx.array, targets: mx.array, k: int, denominator: Optional[mx.array] = None
+) -> mx.array:
+    """Class-balanced binary cross-entropy between scores and a target mask.
+
+    ``denominator``: the weight sum of the whole (global) batch, when this is
+    one process's share of it (data-parallel training sums the shares).
+    """
     logits = trainable.predictor.scores(features)
-    d_ff = logits.shape[-1]
-    weights = mx.where(targets > 0, (d_ff - k) / k, 1.0)
+    weights = distill_weights(targets, k)
     loss = nn.losses.binary_cross_entropy(logits, targets.astype(mx.float32), with_logits=True, reduction="none")
-    return (loss * weights).sum() / weights.sum()
+    return (loss * weights).sum() / (weights.sum() if denominator is None else denominator)
 
 
 def masked_lm_loss(
     trainable: Trainable, loaded: LoadedModel, features: mx.array, tokens: mx.array, loss_mask: mx.array,
-    k: int, temperature: float,
+    k: int, temperature: float, denominator: Optional[mx.array] = None,
 ) -> mx.array:
-    """Next-token cross-entropy of the masked LLM on the response tokens only."""
+    """Next-token cross-entropy of the masked LLM on the response tokens only
+    (``denominator``: the response-token count of the global batch, as in distill_loss)."""
     masks = topk_mask(trainable.predictor.scores(features), k, temperature)  # [B, L, d_ff]
     for layer, mlp in enumerate(loaded.mlps):
         mlp.channel_mask = masks[:, layer, None, :]
@@ -222,7 +234,7 @@ def masked_lm_loss(
             mlp.channel_mask = None
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), tokens[:, 1:], reduction="none")
     weights = loss_mask[:, 1:]
-    return (ce * weights).sum() / mx.maximum(weights.sum(), 1)
+    return (ce * weights).sum() / (mx.maximum(weights.sum(), 1) if denominator is None else denominator)
 
 
 def sequence_batch(pairs: list[Pair]) -> tuple[mx.array, mx.array]:
@@ -262,12 +274,43 @@ class Trainer:
         self.trainable = Trainable(predictor, loaded.model if config.train_llm == "lora" else None)
         self.optimizer = optim.AdamW(learning_rate=config.learning_rate, weight_decay=config.weight_decay)
         self.loss_and_grad = nn.value_and_grad(self.trainable, self._loss)
+        self.group = mx.distributed.init()  # a group of one unless started by mlx.launch
 
-    def _loss(self, rows: mx.array, tokens=None, loss_mask=None) -> mx.array:
+    def _loss(self, rows: mx.array, tokens=None, loss_mask=None, denominator=None) -> mx.array:
         features = self.features[rows]
         if self.config.stage == "distill":
-            return distill_loss(self.trainable, features, mx.array(self.targets[np.array(rows)]), self.k)
-        return masked_lm_loss(self.trainable, self.loaded, features, tokens, loss_mask, self.k, self.config.temperature)
+            targets = mx.array(self.targets[np.array(rows)])
+            return distill_loss(self.trainable, features, targets, self.k, denominator)
+        return masked_lm_loss(
+            self.trainable, self.loaded, features, tokens, loss_mask, self.k, self.config.temperature, denominator
+        )
+
+    def _step(self, rows: np.ndarray) -> tuple[mx.array, int]:
+        """One optimizer step on the global batch ``rows``; returns its loss and token count.
+
+        Data-parallel: each process takes every size-th example of the batch,
+        its loss divided by the *global* denominator, and the gradients are
+        summed across processes: the same update as one process on the whole
+        batch. A single process is the same code with a group of one.
+        """
+        size, rank = self.group.size(), self.group.rank()
+        shard = rows[rank::size]
+        args: dict = {}
+        if self.config.stage != "distill":
+            _, global_mask = sequence_batch([self.pairs[i] for i in rows])
+            args["tokens"], args["loss_mask"] = sequence_batch([self.pairs[i] for i in shard])
+            args["denominator"] = mx.maximum(global_mask[:, 1:].sum(), 1)
+            counted = int(global_mask.sum().item())
+        else:  # the head learns from prompts: count their tokens
+            args["denominator"] = distill_weights(mx.array(self.targets[rows]), self.k).sum()
+            counted = sum(len(self.pairs[i].prompt) for i in rows)
+        loss, grads = self.loss_and_grad(mx.array(shard), **args)
+        if size > 1:
+            loss = mx.distributed.all_sum(loss, group=self.group)
+            grads = tree_map(lambda g: mx.distributed.all_sum(g, group=self.group), grads)
+        self.optimizer.update(self.trainable, grads)
+        mx.eval(self.trainable.parameters(), self.optimizer.state, loss)
+        return loss, counted
 
     def batches(self) -> Iterator[np.ndarray]:
         """Shuffled epochs, seeded by the step so a resumed run continues the same order."""
@@ -283,28 +326,22 @@ class Trainer:
         batches = self.batches()
         tokens_seen, start = 0, time.perf_counter()
         while self.step < self.config.steps:
-            rows = next(batches)
-            args = {}
-            if self.config.stage != "distill":
-                args["tokens"], args["loss_mask"] = sequence_batch([self.pairs[i] for i in rows])
-                tokens_seen += int(args["loss_mask"].sum().item())
-            else:  # the head learns from prompts: count their tokens
-                tokens_seen += sum(len(self.pairs[i].prompt) for i in rows)
-            loss, grads = self.loss_and_grad(mx.array(rows), **args)
-            self.optimizer.update(self.trainable, grads)
-            mx.eval(self.trainable.parameters(), self.optimizer.state, loss)
+            loss, counted = self._step(next(batches))
+            tokens_seen += counted
             self.step += 1
             rate = tokens_seen / (time.perf_counter() - start)
             if progress:
                 progress(self.step, self.config.steps, loss.item(), rate)
             if self.step % self.config.log_every == 0 or self.step == self.config.steps:
                 self._log(loss.item(), rate)
-            if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
+            if self.is_writer and (self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps):
                 self.save_checkpoint()
         return self.history
 
     def _log(self, loss: float, rate: float) -> None:
         entry = {"step": self.step, "loss": round(loss, 5), "tokens_per_s": round(rate, 1)}
+        if self.group.size() > 1:
+            entry["processes"] = self.group.size()
         if self.probe_features is not None:
             per_layer = mask_diversity(self.predictor, self.probe_features, self.k)
             entry["overlap"] = round(float(per_layer.mean()), 4)
@@ -312,7 +349,13 @@ class Trainer:
             if entry["overlap"] > COLLAPSE_OVERLAP:
                 self.log(f"warning: masks collapsed (mean overlap {entry['overlap']:.3f} across prompts)")
         self.history.append(entry)
-        self.log(json.dumps({k: v for k, v in entry.items() if k != "overlap_per_layer"}))
+        if self.is_writer:
+            self.log(json.dumps({k: v for k, v in entry.items() if k != "overlap_per_layer"}))
+
+    @property
+    def is_writer(self) -> bool:
+        """Only the first process writes checkpoints, logs and the exported folder."""
+        return self.group.rank() == 0
 
     # --- checkpoints -------------------------------------------------------
 
