@@ -1,7 +1,9 @@
 """Safetensors without loading whole files: a lazy reader and a streaming writer.
 
 The reader parses the JSON header and memory-maps tensor data on demand, so a
-shard is never read in full. The writer lays out the header first (every
+shard is never read in full. The header is untrusted JSON: each entry's
+dtype, shape and offsets are checked against each other and against the file
+before the tensor is indexed, so ``read()`` can only fail on I/O. The writer lays out the header first (every
 name, dtype and shape is known before any data is converted) and then writes
 each tensor, or each slice of a tensor, at its final offset. That lets the
 converter produce one FFN bank tensor layer by layer with peak memory of about
@@ -9,6 +11,7 @@ one layer.
 """
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -48,9 +51,37 @@ def read_header(path: Path) -> tuple[dict, int]:
             raise ConversionError(f"{path}: not a safetensors file (bad header length)")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ConversionError(f"{path}: not a safetensors file (unreadable header)")
+        except (ValueError, RecursionError):  # bad JSON or UTF-8, huge ints, deep nesting
+            raise ConversionError(f"{path}: not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: not a safetensors file (the header is not a JSON object)")
     return header, 8 + n
+
+
+def _is_count(value) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _entry(path: Path, name: str, info) -> tuple[str, tuple[int, ...], int, int]:
+    """One header entry, checked: (dtype, shape, begin, end); the header is untrusted JSON."""
+    if not isinstance(info, dict):
+        raise ConversionError(f"{path}: tensor {name} has a malformed header entry")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in NUMPY_DTYPES:
+        raise ConversionError(f"{path}: tensor {name} has unsupported dtype {str(dtype)[:20]}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise ConversionError(f"{path}: tensor {name} has a malformed shape")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise ConversionError(f"{path}: tensor {name} has malformed data_offsets")
+    begin, end = offsets
+    needed = math.prod(shape) * np.dtype(NUMPY_DTYPES[dtype]).itemsize
+    # More bytes than the span would read into the next tensor or past the end. Fewer is
+    # only wasteful, and left for the converter's shape checks to name.
+    if begin > end or needed > end - begin:
+        raise ConversionError(
+            f"{path}: tensor {name}: data_offsets span {end - begin} bytes, its shape needs {needed}"
+        )
+    return dtype, tuple(shape), begin, end
 
 
 def read_safetensors(path: str | Path) -> dict[str, SourceTensor]:
@@ -62,19 +93,16 @@ def read_safetensors(path: str | Path) -> dict[str, SourceTensor]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        begin, end = info["data_offsets"]
+        dtype, shape, begin, end = _entry(path, name, info)
         if start + end > size:
             raise ConversionError(
                 f"{path}: truncated: tensor {name} needs {start + end} bytes, the file has {size}"
             )
-        dtype = info["dtype"]
-        if dtype not in NUMPY_DTYPES:
-            raise ConversionError(f"{path}: tensor {name} has unsupported dtype {dtype}")
         tensors[name] = SourceTensor(
             name=name,
-            shape=tuple(info["shape"]),
+            shape=shape,
             dtype=DTYPE_NAMES.get(dtype, dtype.lower()),
-            read=_memmap_reader(path, start + begin, dtype, tuple(info["shape"])),
+            read=_memmap_reader(path, start + begin, dtype, shape),
             nbytes=end - begin,
         )
     return tensors
@@ -82,7 +110,7 @@ def read_safetensors(path: str | Path) -> dict[str, SourceTensor]:
 
 def _memmap_reader(path: Path, offset: int, dtype: str, shape: tuple[int, ...]):
     def read() -> np.ndarray:
-        count = int(np.prod(shape))
+        count = math.prod(shape)
         data = np.memmap(path, dtype=NUMPY_DTYPES[dtype], mode="r", offset=offset, shape=(count,))
         array = np.array(data).reshape(shape)
         return bf16_to_float32(array) if dtype == "BF16" else array

