@@ -123,7 +123,7 @@ def _weight_files(folder: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            shards = _index_shards(index)
             for shard in shards:
                 if not (folder / shard).is_file():
                     raise ConversionError(f"{folder}: missing shard {shard} (listed in {index_name})")
@@ -133,6 +133,20 @@ def _weight_files(folder: Path) -> list[Path]:
         if files:
             return files
     raise ConversionError(f"{folder}: no weights found (*.safetensors or pytorch_model*.bin)")
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names a sharded checkpoint's index lists, checked: plain names
+    inside the folder (an index is untrusted: ``../`` or an absolute path would
+    read files from elsewhere)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConversionError(f"{index}: no weight_map in the shard index")
+    shards = sorted({str(v) for v in weight_map.values()})
+    for shard in shards:
+        if not shard or Path(shard).name != shard or shard in (".", ".."):
+            raise ConversionError(f"{index}: shard {shard!r} is not a file name in the model folder")
+    return shards
 
 
 def tokenizer_copier(folder: Path) -> Callable[[Path], None]:

@@ -144,6 +144,24 @@ def test_missing_shard(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    "weight_map, message",
+    [
+        (None, "no weight_map in the shard index"),
+        ({"a": "../outside.safetensors"}, "shard '../outside.safetensors' is not a file name in the model folder"),
+        ({"a": "/etc/passwd"}, "shard '/etc/passwd' is not a file name"),
+    ],
+)
+def test_a_bad_shard_index_is_refused(tmp_path, weight_map, message):
+    write_hf_folder(tmp_path / "hf", "qwen2")
+    shard(tmp_path / "hf", parts=2)
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    index.write_text(json.dumps({} if weight_map is None else {"weight_map": weight_map}))
+    with pytest.raises(ConversionError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        convert(tmp_path / "hf", tmp_path / "out")
+    assert leftovers(tmp_path) == []
+
+
 def test_unknown_architecture(tmp_path):
     write_hf_folder(tmp_path / "hf", "llama")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())

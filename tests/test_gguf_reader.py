@@ -868,3 +868,19 @@ def test_smollm2_tokenizer(smollm2_tokenizer):
     ]:
         assert tok.decode(tok.encode(text)) == text
     assert tok.eos_token == "<|im_end|>" and tok.bos_token == "<|im_start|>"
+
+
+def test_a_gguf_converts_to_the_platforms_dtype_and_says_so(tmp_path):
+    """Dequantized weights have no float dtype of their own: float32 on a CPU (MLX runs
+    float16 about 10x slower there), float16 on an Apple GPU; the CLI names the choice."""
+    import subprocess
+    import sys
+
+    import mlx.core as mx
+
+    path = write_gguf(tmp_path / "q8.gguf", "qwen2", hf_tensors("qwen2", len(GPT2_TOKENS), True), qtype=Q.Q8_0)
+    result = subprocess.run([sys.executable, "-m", "ifp_mlx.cli.main", "convert", str(path), str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    expected = "float16" if mx.metal.is_available() else "float32"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["ifp"]["dtype"] == expected
+    assert f"in {expected} (the default for dequantized weights on a" in " ".join(result.stderr.split())
