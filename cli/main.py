@@ -10,6 +10,7 @@ from ..errors import IFPError
 from . import (  # noqa: F401  (each import registers its commands)
     bench,
     calibrate,
+    chat,
     convert,
     data,
     evaluate,
