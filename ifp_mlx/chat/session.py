@@ -10,12 +10,10 @@ empties the store, so it only ever holds this conversation.
 
 import json
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-import mlx.core as mx
 
 from ..engine.conversation import ConversationCache, reply
 from ..engine.engine import Engine
@@ -159,7 +157,7 @@ class ChatSession:
             self.store.clear()
         stream = reply(self.engine, self.store, messages, self.settings.generation, stats,
                        reselect=reselect, task=None if reselect else mask)
-        started, done = time.perf_counter(), False
+        done = False
         try:
             for piece in stream:
                 pieces.append(piece)
@@ -168,7 +166,6 @@ class ChatSession:
         finally:
             stream.close()
             if done or stats.token_ids:
-                finish_stopped(stats, started)
                 self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
                 self.mask, self.mask_source = Selection(stats.selection.indices), source
                 self.last, self.last_stopped = stats, not done
@@ -209,14 +206,3 @@ class ChatSession:
 
 def _path(path: Optional[Path]) -> Optional[str]:
     return None if path is None else os.fspath(path)
-
-
-def finish_stopped(stats: GenerationStats, started: float) -> None:
-    """Fill in what the engine measures only when a reply runs to its end: a stopped
-    reply's statistics line then still tells its speed and memory."""
-    if stats.finish_reason is not None or not stats.generation_tokens:
-        return
-    decoding = time.perf_counter() - started - stats.time_to_first_token
-    if stats.generation_tokens > 1 and decoding > 0:
-        stats.generation_tps = (stats.generation_tokens - 1) / decoding
-    stats.peak_memory_gb = mx.get_peak_memory() / 1e9

@@ -148,28 +148,30 @@ class Engine:
         stats.selection, stats.cache = selection, cache
         response = None
         sampler = make_sampler(config.temp, config.top_p)
-        for response in stream_generate(
-            self.loaded.model, self.loaded.tokenizer, mx.array(tokens[-1:]),
-            max_tokens=config.max_tokens, sampler=sampler, prompt_cache=cache,
-        ):
-            if stats.generation_tokens == 0:
-                now = time.perf_counter()
-                stats.time_to_first_token = now - start
-                stats.phases = {
-                    "select": t_select - start,
-                    "read" if self.loaded.low_memory else "gather": t_gather - t_select,
-                    "prefill": t_prefill - t_gather,
-                    "first token": now - t_prefill,
-                }
-                model_time = now - t_gather + (t_select - start if selection.prompt_cache is not None else 0)
-                stats.prompt_tps = (len(tokens) - cached) / model_time
-            stats.generation_tokens = response.generation_tokens
-            stats.token_ids.append(response.token)
-            yield response.text
-        if response is not None:
-            stats.generation_tps = response.generation_tps
-            stats.peak_memory_gb = mx.get_peak_memory() / 1e9
-            stats.finish_reason = response.finish_reason
+        try:
+            for response in stream_generate(
+                self.loaded.model, self.loaded.tokenizer, mx.array(tokens[-1:]),
+                max_tokens=config.max_tokens, sampler=sampler, prompt_cache=cache,
+            ):
+                if stats.generation_tokens == 0:
+                    now = time.perf_counter()
+                    stats.time_to_first_token = now - start
+                    stats.phases = {
+                        "select": t_select - start,
+                        "read" if self.loaded.low_memory else "gather": t_gather - t_select,
+                        "prefill": t_prefill - t_gather,
+                        "first token": now - t_prefill,
+                    }
+                    model_time = now - t_gather + (t_select - start if selection.prompt_cache is not None else 0)
+                    stats.prompt_tps = (len(tokens) - cached) / model_time
+                stats.generation_tokens = response.generation_tokens
+                stats.token_ids.append(response.token)
+                yield response.text
+        finally:  # also when the caller stops the reply (closes this generator)
+            if response is not None:
+                stats.generation_tps = response.generation_tps
+                stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+                stats.finish_reason = response.finish_reason or "interrupted"
 
     def _reusable_cache(self, selection: Selection, num_tokens: int) -> tuple[list, int]:
         """The selector's dense KV cache minus the last prompt token, if usable."""
