@@ -283,3 +283,15 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, stage
     assert len(histories[1]) == (4 if stage == "sft" else 3)
     np.testing.assert_allclose(histories[2], histories[1], rtol=1e-4)
     assert histories[1][-1] != histories[1][0]  # it trained
+
+
+def test_freeze_predictor_trains_the_adapters_alone(tiny, tmp_path):
+    trainer = make_trainer(tiny, tmp_path / "work", stage="sft", steps=2, train_llm="lora", learning_rate=1e-2, freeze_predictor=True)
+    head = {n: np.array(v) for n, v in tree_flatten(trainer.predictor.parameters())}
+    names = {n for n, _ in tree_flatten(trainer.trainable.trainable_parameters())}
+    assert names and all("lora_" in n for n in names)
+    trainer.train()
+    assert all(np.array_equal(v, np.array(dict(tree_flatten(trainer.predictor.parameters()))[n])) for n, v in head.items())
+    assert float(mx.abs(trainer.loaded.model.layers[2].self_attn.v_proj.lora_b).max()) > 0
+    with pytest.raises(IFPError, match="--freeze-predictor trains the LoRA adapters alone"):
+        TrainConfig(stage="sft", freeze_predictor=True).check()

@@ -89,6 +89,7 @@ class TrainConfig:
     max_response_tokens: int = 128
     chunk_tokens: int = 128
     train_llm: str = "none"  # "none" | "lora"
+    freeze_predictor: bool = False  # train the adapters alone, under the predictor's fixed masks
     lora_rank: int = 8
     log_every: int = 25
     checkpoint_every: int = 50
@@ -105,6 +106,8 @@ class TrainConfig:
                 raise IFPError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
         if not 0 < self.keep <= 1:
             raise IFPError(f"--keep must be in (0, 1], got {self.keep}")
+        if self.freeze_predictor and (self.train_llm != "lora" or self.stage == "distill"):
+            raise IFPError("--freeze-predictor trains the LoRA adapters alone: it needs --train-llm lora and --stage sft or pretrain")
 
 
 def _flag(field: str) -> str:
@@ -272,6 +275,8 @@ class Trainer:
         if config.train_llm == "lora":  # after the shared backbone's layers, so the features stay fixed
             add_lora(loaded.model, predictor.backbone.layers if predictor.backbone.shared else 0, config.lora_rank)
         self.trainable = Trainable(predictor, loaded.model if config.train_llm == "lora" else None)
+        if config.freeze_predictor:  # the masks stay the predictor's: they cannot collapse
+            predictor.freeze()
         self.optimizer = optim.AdamW(learning_rate=config.learning_rate, weight_decay=config.weight_decay)
         self.loss_and_grad = nn.value_and_grad(self.trainable, self._loss)
         self.group = mx.distributed.init()  # a group of one unless started by mlx.launch
