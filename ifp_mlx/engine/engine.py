@@ -89,6 +89,14 @@ class Engine:
             self.submodels.popitem(last=False)
         return ffn, True
 
+    def use(self, selection: Selection) -> bool:
+        """Make the model compute with ``selection``'s submodel (gathered or cached),
+        with the selector's adapter when pruned; returns whether it was gathered now."""
+        ffn, gathered = self.submodel(selection)
+        self.loaded.assign(ffn)
+        self.loaded.use_adapter(self.selector.adapter if selection.indices is not None else None)
+        return gathered
+
     def select(self, tokens: list[int]) -> Selection:
         """The selector's choice for ``tokens``, its channel numbers checked once here."""
         selection = self.selector.select(tokens, self.k)
@@ -133,9 +141,7 @@ class Engine:
         selection = selection or self.task_selection or self.select(tokens)
         t_select = time.perf_counter()
         self.last_read = None
-        ffn, gathered = self.submodel(selection)
-        self.loaded.assign(ffn)
-        self.loaded.use_adapter(self.selector.adapter if selection.indices is not None else None)
+        gathered = self.use(selection)
         t_gather = time.perf_counter()
         reused = cached if cache is not None and 0 <= cached < len(tokens) else 0
         if not reused:  # no conversation's KV: maybe the selector's dense prefill of the prompt
