@@ -19,6 +19,7 @@ from . import (  # noqa: F401  (each import registers its commands)
     models,
     predictor,
     selftest,
+    serve,
     train,
 )
 from .app import app, err

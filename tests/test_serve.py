@@ -1,0 +1,284 @@
+"""ifp serve as a client sees it: a real server process, driven by the official openai client.
+
+One server for the module (SmolLM2 at keep 0.5 on loopback); every request
+asks for a few tokens, since the CPU generates about 10-20 a second.
+"""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import openai
+import pytest
+from openai import OpenAI
+
+from ifp_mlx.serve.protocol import APIError, Limits, parse_chat
+from ifp_mlx.serve.stops import StopWatch
+from ifp_mlx.serve.worker import Settings, Worker
+
+IFP = [sys.executable, "-m", "ifp_mlx.cli.main"]
+MAX_BODY_KB = 64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_dir, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "stderr.txt"
+    args = ["serve", "-m", str(smollm2_dir), "--port", str(port), "--keep", "0.5", "--log-level", "warning", "--max-body-kb", str(MAX_BODY_KB)]
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([*IFP, *args], env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=stderr)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"ifp serve exited with {process.returncode}: {log.read_text()}")
+        try:
+            if get(f"{base}/health")["status"] == "ok":
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("ifp serve did not answer /health within 180 s")
+        time.sleep(0.5)
+    yield base, port
+    process.terminate()
+    try:
+        assert process.wait(30) in (0, -15), log.read_text()  # uvicorn shuts down, then re-raises SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> OpenAI:
+    return OpenAI(base_url=f"{server[0]}/v1", api_key="x", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def ask(client, model, content, **options):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], **options)
+
+
+def raw(port: int, head: str, body: bytes = b"") -> tuple[int, dict]:
+    """Send ``head`` and ``body`` as they are, read the status and JSON answer (the server may close early)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head.encode() + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+            if b"\r\n\r\n" in data:
+                headers, _, rest = data.partition(b"\r\n\r\n")
+                length = int(next((line.split(b":")[1] for line in headers.split(b"\r\n") if line.lower().startswith(b"content-length")), b"0"))
+                if len(rest) >= length:
+                    return int(headers.split()[1]), json.loads(rest[:length])
+    raise AssertionError(f"no whole response: {data!r}")
+
+
+def post(port: int, path: str, body: bytes) -> tuple[int, dict]:
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    return raw(port, head, body)
+
+
+def assert_error(status: int, body: dict, expected: int, param=None) -> None:
+    assert status == expected, body
+    error = body["error"]
+    assert isinstance(error["message"], str) and error["message"] and "type" in error and error["param"] == param
+
+
+def test_models_and_health(server, client, model):
+    assert model == "smollm2-f32"
+    assert client.models.retrieve(model).id == model
+    assert get(f"{server[0]}/health")["status"] == "ok"
+
+
+def test_plain_chat_reports_usage_and_the_submodel(client, model):
+    response = ask(client, model, "What is the capital of France?", max_tokens=6)
+    choice = response.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("length", "stop")
+    usage = response.usage
+    assert usage.prompt_tokens > 0 and 0 < usage.completion_tokens <= 6
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.prompt_tokens_details.cached_tokens == 0
+    assert response.model_extra["ifp"]["k"] == 768  # the server's --keep 0.5 of 1536
+
+
+def test_streamed_chat_with_usage_equals_the_plain_reply(client, model):
+    question = "Name a large animal."
+    plain = ask(client, model, question, max_tokens=6).choices[0].message.content
+    chunks = list(ask(client, model, question, max_tokens=6, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain  # greedy, and the cached conversation's KV changes no token
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same opening turn, from the cache
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_second_turn_reuses_the_conversations_kv(client, model):
+    messages = [{"role": "user", "content": "Tell me about the moon."}]
+    first = client.chat.completions.create(model=model, messages=messages, max_tokens=6)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    messages += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "And the sun?"}]
+    second = client.chat.completions.create(model=model, messages=messages, max_tokens=4)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+
+
+def test_completions_use_the_raw_prompt(client, model):
+    response = client.completions.create(model=model, prompt="The capital of France is", max_tokens=5)
+    assert response.object == "text_completion" and response.choices[0].text
+    assert response.usage.prompt_tokens < 10  # no chat template around it
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model=model, prompt="The capital of France is", max_tokens=5, stream=True) if c.choices)
+    assert streamed == response.choices[0].text
+
+
+def test_seeded_sampling_repeats(client, model):
+    replies = {ask(client, model, "Tell me a joke.", max_tokens=6, temperature=1.0, top_p=0.9, seed=3).choices[0].message.content for _ in range(2)}
+    assert len(replies) == 1
+
+
+def test_stop_ends_the_reply_before_the_stop_string(client, model):
+    prompt = "Count: one, two, three, four, five,"
+    full = client.completions.create(model=model, prompt=prompt, max_tokens=10).choices[0].text
+    stop = full.strip()[len(full.strip()) // 2 :][:3]
+    assert stop.strip(), full
+    expected = full[: full.find(stop)]
+    stopped = client.completions.create(model=model, prompt=prompt, max_tokens=10, stop=stop)
+    assert stopped.choices[0].text == expected and stopped.choices[0].finish_reason == "stop"
+    chunks = client.completions.create(model=model, prompt=prompt, max_tokens=10, stop=[stop, "never"], stream=True)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+
+
+def test_stop_watch_holds_back_a_split_stop_string():
+    watch = StopWatch(["</end>", "xyz"])
+    assert watch.feed("abc</e") == "abc"
+    assert watch.feed("nd>tail") == "" and watch.stopped
+    other = StopWatch(["xyz"])
+    assert other.feed("ax") == "a" and other.feed("a") == "xa" and other.flush() == ""
+
+
+def test_ifp_fields_choose_the_submodel(client, model):
+    quarter = ask(client, model, "Hello!", max_tokens=2, extra_body={"keep": 0.25})
+    assert quarter.model_extra["ifp"]["k"] == 384
+    activations = ask(client, model, "Hello!", max_tokens=2, extra_body={"selector": "activations"})
+    assert activations.model_extra["ifp"]["selector"] == "activations"
+    dense = ask(client, model, "Hello!", max_tokens=2, extra_body={"selector": "dense"})
+    assert dense.model_extra["ifp"]["k"] == 1536
+    task = ask(client, model, "Where is Paris?", max_tokens=2, extra_body={"task": "Answer questions about geography."})
+    assert task.choices[0].message.content is not None
+    messages = [{"role": "user", "content": "Write about the sea."}]
+    first = client.chat.completions.create(model=model, messages=messages, max_tokens=3)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "Now 2+2?"}]
+    again = client.chat.completions.create(model=model, messages=messages, max_tokens=2, extra_body={"reselect": True})
+    assert again.usage.prompt_tokens_details.cached_tokens == 0  # a new mask: the turns are processed again
+
+
+def test_bad_requests_get_json_errors_and_the_server_keeps_serving(server, client, model):
+    port = server[1]
+    chat = "/v1/chat/completions"
+    user = [{"role": "user", "content": "hi"}]
+    assert_error(*post(port, chat, b'{"messages": [oops'), 400)
+    assert_error(*post(port, chat, json.dumps({"model": model}).encode()), 400, "messages")
+    assert_error(*post(port, chat, json.dumps({"model": model, "messages": "hi"}).encode()), 400, "messages")
+    assert_error(*post(port, "/v1/completions", json.dumps({"model": model}).encode()), 400, "prompt")
+    cases = [
+        ({"max_tokens": -1}, "max_tokens"), ({"max_tokens": 10**6}, "max_tokens"),
+        ({"keep": 0}, "keep"), ({"keep": 1.5}, "keep"), ({"selector": "nope"}, "selector"),
+        ({"temperature": -1}, "temperature"), ({"stop": 3}, "stop"),
+    ]
+    for fields, param in cases:
+        assert_error(*post(port, chat, json.dumps({"model": model, "messages": user, **fields}).encode()), 400, param)
+    long = [{"role": "user", "content": "hello " * 9000}]  # over the 8192-token context
+    assert_error(*post(port, chat, json.dumps({"model": model, "messages": long}).encode()), 400, "messages")
+    with pytest.raises(openai.NotFoundError) as e:
+        ask(client, "gpt-4", "hi", max_tokens=2)
+    assert e.value.status_code == 404 and e.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError):
+        ask(client, model, "hi", max_tokens=2, extra_body={"keep": 2})
+    assert_error(*raw(port, "GET /v1/nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"), 404)
+    assert_error(*raw(port, "GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"), 405)
+    assert ask(client, model, "Still there?", max_tokens=2).choices[0].message.content is not None
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(server, client, model):
+    port, limit = server[1], MAX_BODY_KB << 10
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {limit + 1}\r\n\r\n"
+    assert_error(*raw(port, head, b'{"messages": '), 413)  # refused on the header: the rest is never sent
+    chunk = b'"' + b"x" * 8190 + b'"'
+    chunked = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(limit // len(chunk) + 1))  # no final chunk
+    assert_error(*raw(port, chunked, body), 413)
+    assert ask(client, model, "Still there?", max_tokens=2).choices[0].message.content is not None
+
+
+def test_a_client_that_disconnects_frees_its_place(server, client, model):
+    health = f"{server[0]}/health"
+    before = get(health)["cancelled"]
+    impatient = OpenAI(base_url=f"{server[0]}/v1", api_key="x", max_retries=0, timeout=2)
+    long = "Write a very long story about a dragon."
+    with ask(client, model, long, max_tokens=4000, stream=True) as stream:
+        chunks = iter(stream)
+        next(chunks)
+        with pytest.raises(openai.APITimeoutError):
+            ask(impatient, model, long, max_tokens=4000)  # gives up while waiting behind the stream
+        next(chunks)
+    # leaving the block closed the stream mid-reply
+    with pytest.raises(openai.APITimeoutError):
+        ask(impatient, model, "Write a very long story about a castle.", max_tokens=4000)  # gives up while it runs
+    start = time.monotonic()
+    assert ask(client, model, "Quick?", max_tokens=2).choices[0].message.content is not None
+    assert time.monotonic() - start < 30  # the 4000-token replies were stopped, not finished
+    assert get(health)["cancelled"] == before + 3 and get(health)["waiting"] == 0
+
+
+def test_concurrent_requests_wait_their_turn(client, model):
+    answers, errors = [], []
+
+    def one(i: int) -> None:
+        try:
+            answers.append(ask(client, model, f"Say the number {i}.", max_tokens=3).choices[0].message.content)
+        except Exception as e:  # any failure is the test's to report
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == [] and len(answers) == 3
+
+
+def test_a_full_queue_answers_503(tmp_path):
+    limits = Limits(("m",), 100)
+    worker = Worker(Settings(tmp_path, limits, queue=1))  # not started: nothing takes jobs off the queue
+    loop = asyncio.new_event_loop()
+    try:
+        ask_ = parse_chat({"messages": [{"role": "user", "content": "hi"}]}, limits)
+        worker.submit(ask_, loop)
+        with pytest.raises(APIError) as e:
+            worker.submit(ask_, loop)
+        assert e.value.status == 503 and worker.waiting == 1
+    finally:
+        loop.close()
