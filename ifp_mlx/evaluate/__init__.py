@@ -1,1 +1,1 @@
-"""Evaluate: what a selector and keep ratio cost, measured on held-out data."""
+"""Evaluate: what a selector and keep ratio cost, on real tasks (HumanEval, math, MMLU, lm-eval) and held-out data."""

@@ -1,29 +1,28 @@
-"""Selection quality: response negative log-likelihood under each selector.
+"""Log-likelihoods under whatever FFN the model has assigned.
 
-For every held-out (prompt, response) pair, the selector picks the mask from
-the prompt, the gathered submodel processes prompt and response (the pruned
-model does the prefill too, as in IFPruning), and the mean NLL per response
-token is compared with the dense model's. Lower is better; dense is the floor.
-Mask overlap within and across domains shows whether masks depend on the prompt
-(a collapsed predictor gives the same mask everywhere).
+Response NLL: for a held-out (prompt, response) pair, the selector picks the
+mask from the prompt, the gathered submodel processes prompt and response (the
+pruned model does the prefill too, as in IFPruning), and the mean NLL per
+response token is compared with the dense model's. Lower is better; dense is
+the floor. Continuation log-probabilities score multiple-choice answers (MMLU,
+lm-evaluation-harness requests).
 """
 
-import itertools
+import copy
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from ..data.records import read_records
-from ..engine.engine import Engine
 from ..engine.prompts import prompt_tokens
 from ..errors import IFPError
 from ..model.load import LoadedModel
-from ..model.masks import mask_overlap
+from ..select.base import PREFILL_STEP
 
 MAX_RESPONSE_TOKENS = 128
 
@@ -34,15 +33,6 @@ class Example:
     domain: str
     prompt: str
     response: str
-
-
-@dataclass
-class SelectorResult:
-    nll: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # domain -> per example
-    masks: dict[str, list[np.ndarray]] = field(default_factory=lambda: defaultdict(list))
-
-    def mean_nll(self, domain: str) -> float:
-        return float(np.mean(self.nll[domain]))
 
 
 def read_examples(paths: list[Path], limit_per_domain: Optional[int] = None) -> list[Example]:
@@ -72,34 +62,36 @@ def response_nll(loaded: LoadedModel, prompt: list[int], response: list[int]) ->
     return nn.losses.cross_entropy(logits, targets, reduction="mean").item()
 
 
-def evaluate(
-    loaded: LoadedModel,
-    examples: list[Example],
-    engines: dict[str, Engine],
-    progress: Optional[Callable[[int, int], None]] = None,
-) -> dict[str, SelectorResult]:
-    """NLL of every example under every engine's selection (and its masks)."""
-    results = {name: SelectorResult() for name in engines}
-    encoded = [example_tokens(loaded, e) for e in examples]
-    steps, done = len(examples) * len(engines), 0
-    for name, engine in engines.items():
-        for example, (prompt, response) in zip(examples, encoded):
-            selection = engine.select(prompt)
-            ffn, _ = engine.submodel(selection)
-            loaded.assign(ffn)
-            results[name].nll[example.domain].append(response_nll(loaded, prompt, response))
-            if selection.indices is not None:
-                results[name].masks[example.domain].append(np.array(selection.indices))
-            done += 1
-            if progress:
-                progress(done, steps)
+def continuation_logprobs(
+    model: nn.Module, context: list[int], continuations: Sequence[Sequence[int]]
+) -> list[tuple[float, bool]]:
+    """Log-probability of each continuation after ``context``, and whether greedy decoding gives it.
+
+    The context runs once (in chunks, into a KV cache); a continuation of one
+    token is read off the context's last logits, a longer one runs on the
+    cache, which is then trimmed back (copied, for caches that cannot trim).
+    So choices of a multiple-choice question cost one prefill, not four.
+    """
+    if not context:
+        raise IFPError("internal: a continuation needs a context of at least one token")
+    cache = make_prompt_cache(model)
+    for start in range(0, len(context), PREFILL_STEP):
+        logits = model(mx.array(context[start : start + PREFILL_STEP])[None], cache=cache)
+    last = nn.log_softmax(logits[0, -1].astype(mx.float32))
+    mx.eval(last)
+    trimmable = can_trim_prompt_cache(cache)
+    results = []
+    for continuation in continuations:
+        first = int(continuation[0])
+        logprob, greedy = last[first], mx.argmax(last) == first
+        if len(continuation) > 1:
+            rest = mx.array(continuation[1:])
+            run_cache = cache if trimmable else copy.deepcopy(cache)
+            logp = nn.log_softmax(model(mx.array(continuation[:-1])[None], cache=run_cache)[0].astype(mx.float32))
+            logprob = logprob + mx.take_along_axis(logp, rest[:, None], axis=-1).sum()
+            greedy = mx.logical_and(greedy, mx.all(mx.argmax(logp, axis=-1) == rest))
+            if trimmable:
+                trim_prompt_cache(cache, len(continuation) - 1)
+        results.append((logprob.item(), bool(greedy.item())))
     return results
 
-
-def overlap_by_domain(masks: dict[str, list[np.ndarray]], d_ff: int) -> tuple[float, float]:
-    """Mean pairwise mask overlap within a domain and across domains."""
-    within, across = [], []
-    items = [(domain, m) for domain, ms in masks.items() for m in ms]
-    for (da, a), (db, b) in itertools.combinations(items, 2):
-        (within if da == db else across).append(mask_overlap(a, b, d_ff))
-    return (float(np.mean(within)) if within else float("nan"), float(np.mean(across)) if across else float("nan"))
