@@ -30,7 +30,7 @@ from ..model.load import LoadedModel
 from ..select.base import Selection
 from .nll import continuation_logprobs
 from .oracle import OracleSelector
-from .tasks import NoProgress, Progress, generate, use_selection
+from .tasks import NoProgress, Progress, generate
 
 try:
     import lm_eval
@@ -79,7 +79,7 @@ class IFPHarnessModel(LM):
     def _assign(self, tokens: list[int]) -> Selection:
         """Choose the mask from ``tokens`` and make the model compute with its submodel."""
         selection = self.engine.select(tokens)
-        use_selection(self.engine, selection)
+        self.engine.use(selection)
         return selection
 
     def _continuation(self, context: str, context_tokens: list[int], continuation: str) -> list[int]:

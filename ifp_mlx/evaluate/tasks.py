@@ -95,7 +95,7 @@ def run_item(task: ItemTask, engine: Engine, item: Item) -> dict:
     if isinstance(engine.selector, OracleSelector):
         engine.selector.reference = item.reference
     selection = engine.select(item.prompt)
-    use_selection(engine, selection)
+    engine.use(selection)
     row = {"id": item.id, "domain": item.domain}
     if task.reference_nll:
         row["nll"] = response_nll(loaded, item.prompt, item.reference)
@@ -103,14 +103,6 @@ def run_item(task: ItemTask, engine: Engine, item: Item) -> dict:
     row["mask"] = None if selection.indices is None else pack_mask(selection.indices, loaded.d_ff)
     row["seconds"] = round(time.perf_counter() - start, 3)
     return row
-
-
-def use_selection(engine: Engine, selection: Selection) -> None:
-    """Make the model compute as the engine's replies do under ``selection``: its submodel, with
-    the selector's LoRA adapter on a pruned one (as ``Engine.generate`` does)."""
-    ffn, _ = engine.submodel(selection)
-    engine.loaded.assign(ffn)
-    engine.loaded.use_adapter(engine.selector.adapter if selection.indices is not None else None)
 
 
 def generate(
