@@ -12,6 +12,7 @@ import mlx.core as mx
 
 # isort: on
 import argparse
+import shutil
 from pathlib import Path
 
 from ifp_mlx.files import atomic_folder
@@ -32,8 +33,12 @@ def main() -> None:
     if not predictor.backbone.shared:
         raise SystemExit("only shared:N predictors ship in the package (no backbone weights)")
     out = Path(ifp_mlx.__file__).parent / SHIPPED_FOLDER / args.name
+    extra = {"training": args.note}
     with atomic_folder(out, force=True) as tmp:
-        write_predictor_files(tmp, predictor, loaded.config, config["keep"], config["backbone"], dtype=mx.float16, training=args.note)
+        if "adapter" in config:  # LoRA weights trained with it: they ship beside the head, float32 (small)
+            shutil.copy2(args.predictor / config["adapter"]["file"], tmp / config["adapter"]["file"])
+            extra["adapter"] = config["adapter"]
+        write_predictor_files(tmp, predictor, loaded.config, config["keep"], config["backbone"], dtype=mx.float16, **extra)
     print(f"wrote {out}")
 
 
