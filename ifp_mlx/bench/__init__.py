@@ -1,1 +1,1 @@
-"""Bench: speed and memory figures, measured as ratios inside one run."""
+"""Bench: `ifp bench`'s tests of speed and memory (suite, report), the ratio tools (ratios), random models of real shapes (shapes)."""

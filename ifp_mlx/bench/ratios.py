@@ -4,7 +4,7 @@ Absolute CPU timings are noisy (and other work shares the machine), so every
 comparison alternates its contenders over several rounds and reports the
 median of each; the figures that matter are ratios between contenders.
 
-Two benchmarks:
+``ifp bench --compare`` runs them (the main ``ifp bench`` is ``suite``):
 
 - ``dense_vs_mlx_lm``: ifp's dense generation against mlx-lm's
   ``stream_generate`` on the same weights (issue 2).
@@ -16,6 +16,7 @@ Two benchmarks:
 
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar
 
@@ -30,6 +31,7 @@ from mlx_lm.utils import _get_classes
 from ..convert.random_model import build_random_model, random_llama_config
 from ..engine.engine import Engine
 from ..engine.stats import GenerationConfig, GenerationStats
+from ..model.bank import DOWN, GATE, UP, Bank
 from ..model.load import LoadedModel, load
 from ..select.base import resolve_k
 from ..select.choose import make_selector
@@ -96,39 +98,69 @@ def run_engine(engine: Engine, tokens: list[int], max_tokens: int) -> Generation
 
 def run_stream(model: nn.Module, tokenizer: TokenizerWrapper, tokens: list[int], max_tokens: int) -> GenerationStats:
     """One greedy reply through mlx-lm's own ``stream_generate``."""
+    stats = GenerationStats(prompt_tokens=len(tokens))
+    mx.reset_peak_memory()
+    start = time.perf_counter()
     response = None
     for response in stream_generate(model, tokenizer, mx.array(tokens), max_tokens=max_tokens):
-        pass
-    return GenerationStats(
-        prompt_tokens=len(tokens),
-        prompt_tps=response.prompt_tps,
-        generation_tokens=response.generation_tokens,
-        generation_tps=response.generation_tps,
-    )
+        if stats.generation_tokens == 0:
+            stats.time_to_first_token = time.perf_counter() - start
+        stats.generation_tokens = response.generation_tokens
+    stats.prompt_tps, stats.generation_tps = response.prompt_tps, response.generation_tps
+    stats.peak_memory_gb = response.peak_memory
+    return stats
 
 
 # --- issue 2: dense ifp against mlx-lm -----------------------------------------
 
 
 def mlx_lm_reference(loaded: LoadedModel) -> nn.Module:
-    """The same weights in mlx-lm's own model with its own MLP modules."""
+    """The same weights in mlx-lm's own model with its own MLP modules.
+
+    Built a layer at a time from the bank (the resident one, else read from the
+    file), so building it never holds the whole bank beside its own copy.
+    """
     model_class, args_class = _get_classes(loaded.config)
     reference = model_class(args_class.from_dict(loaded.config))
-    if loaded.config.get("quantization"):
-        raise ValueError("the mlx-lm reference is built for float models only")
-    ours = dict(tree_flatten(loaded.model.parameters()))
-    bank = loaded.bank()
-    weights = [(k, v) for k, v in ours.items() if ".mlp." not in k]
+    weights = {k: v for k, v in tree_flatten(loaded.model.parameters()) if ".mlp." not in k}
     for i in range(loaded.num_layers):
-        prefix = f"model.layers.{i}.mlp."
-        weights += [
-            (prefix + "gate_proj.weight", bank.weight[i, :, 0]),
-            (prefix + "up_proj.weight", bank.weight[i, :, 1]),
-            (prefix + "down_proj.weight", bank.weight[i, :, 2].T),
-        ]
-    reference.load_weights([(k, mx.contiguous(v)) for k, v in weights], strict=False)
+        mlp = reference_mlp(loaded.layer_bank(i), f"model.layers.{i}.mlp.")
+        mx.eval(list(mlp.values()))
+        weights.update(mlp)
+    if quant := loaded.config.get("quantization"):
+        nn.quantize(
+            reference, group_size=quant["group_size"], bits=quant["bits"],
+            class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
+        )
+    reference.load_weights(list(weights.items()), strict=False)
     mx.eval(reference.parameters())
     return reference
+
+
+def reference_mlp(layer: Bank, prefix: str) -> dict[str, mx.array]:
+    """One layer's records ``[1, d_ff, 3, X]`` as mlx-lm's gate/up/down_proj weights.
+
+    A quantized bank holds down transposed and quantized along d, where mlx-lm's
+    ``down_proj`` is quantized along d_ff: it is dequantized, transposed and
+    quantized again with the same bits and group size, so it reads the same
+    bytes per token (its values differ by that rounding).
+    """
+    names = {GATE: "gate_proj", UP: "up_proj"}
+    if not layer.quantized:
+        weights = {prefix + f"{n}.weight": mx.contiguous(layer.weight[0, :, part]) for part, n in names.items()}
+        weights[prefix + "down_proj.weight"] = mx.contiguous(layer.weight[0, :, DOWN].T)
+        return weights
+    weights = {}
+    for part, n in names.items():
+        for field, a in (("weight", layer.weight), ("scales", layer.scales), ("biases", layer.biases)):
+            weights[prefix + f"{n}.{field}"] = mx.contiguous(a[0, :, part])
+    down = mx.dequantize(
+        layer.weight[0, :, DOWN], layer.scales[0, :, DOWN], layer.biases[0, :, DOWN],
+        group_size=layer.group_size, bits=layer.bits,
+    )
+    w, scales, biases = mx.quantize(mx.contiguous(down.T), group_size=layer.group_size, bits=layer.bits)
+    weights.update({prefix + "down_proj.weight": w, prefix + "down_proj.scales": scales, prefix + "down_proj.biases": biases})
+    return weights
 
 
 def dense_vs_mlx_lm(model_dir: str, tokens: list[int], max_tokens: int = 64, rounds: int = 5) -> dict:
@@ -206,12 +238,12 @@ def compact_vs_dense(
     }
 
 
-def fresh_gathers(engine: Engine, tokens: list[int]) -> Callable[[], GenerationStats]:
-    """A run that always gathers: the submodel cache is emptied first."""
+def fresh_gathers(engine: Engine, tokens: list[int], max_tokens: int = 1) -> Callable[[], GenerationStats]:
+    """A run that always gathers, as for a new prompt: the submodel cache is emptied first."""
 
     def run() -> GenerationStats:
         engine.submodels.clear()
-        return run_engine(engine, tokens, max_tokens=1)
+        return run_engine(engine, tokens, max_tokens)
 
     return run
 
@@ -246,14 +278,15 @@ def compact_benchmark(
     max_tokens: int = 64,
     rounds: int = 5,
     vocab: int = 2048,
+    parts: Sequence[str] = ("decode", "gather"),
     workdir: Optional[Path] = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> dict:
     """Issue 3's figures on random-weight llama models converted by ifp.
 
-    Per keep: decode tok/s of the compact submodel over a dense model of FFN
-    width k (all other shapes equal), and the gather's share of the time to
-    first token for a ``prompt_tokens`` prompt.
+    Per keep, the ``parts`` asked for: ``decode``, tok/s of the compact submodel
+    over a dense model of FFN width k (all other shapes equal); ``gather``, the
+    gather's share of the time to first token for a ``prompt_tokens`` prompt.
     """
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         log(f"building a random llama: hidden {hidden}, d_ff {d_ff}, {layers} layers")
@@ -263,14 +296,18 @@ def compact_benchmark(
         results = []
         for keep in keeps:
             k = resolve_k(d_ff, keep)
-            log(f"keep {keep}: building the dense model of FFN width {k}")
-            dense_dir = build_random_model(Path(tmp) / f"dense-{k}", random_llama_config(hidden, k, layers, vocab))
-            dense_k = load(dense_dir)
-            log(f"keep {keep}: decode, {rounds} rounds")
-            decode = compact_vs_dense(loaded, dense_k, keep, decode_prompt, max_tokens, rounds)
-            del dense_k
-            log(f"keep {keep}: gather share, {rounds} rounds")
-            results.append({**decode, "gather": gather_shares(loaded, keep, long_prompt, rounds)})
+            result: dict = {"keep": keep, "k": k}
+            if "decode" in parts:
+                log(f"keep {keep}: building the dense model of FFN width {k}")
+                dense_dir = build_random_model(Path(tmp) / f"dense-{k}", random_llama_config(hidden, k, layers, vocab))
+                dense_k = load(dense_dir)
+                log(f"keep {keep}: decode, {rounds} rounds")
+                result.update(compact_vs_dense(loaded, dense_k, keep, decode_prompt, max_tokens, rounds))
+                del dense_k
+            if "gather" in parts:
+                log(f"keep {keep}: gather share, {rounds} rounds")
+                result["gather"] = gather_shares(loaded, keep, long_prompt, rounds)
+            results.append(result)
     return {
         "model": {"hidden_size": hidden, "d_ff": d_ff, "layers": layers, "vocab_size": vocab},
         "decode_prompt_tokens": decode_prompt_tokens,
