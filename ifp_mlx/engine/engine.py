@@ -78,6 +78,7 @@ class Engine:
             self.submodels.move_to_end(key)
             return self.submodels[key], False
         if self.loaded.low_memory:
+            self.submodels.clear()  # bounded to what is in use: the point of --low-memory
             ffn, self.last_read = self.loaded.bank_file().gather(selection.indices)
         else:
             ffn = gather(self.bank, selection.indices)
@@ -169,7 +170,7 @@ class Engine:
                         "first token": now - t_prefill,
                     }
                     model_time = now - t_gather + (t_select - start if selection.prompt_cache is not None else 0)
-                    stats.prompt_tps = (len(tokens) - cached) / model_time
+                    stats.prompt_tps = (len(tokens) - reused) / model_time
                 stats.generation_tokens = response.generation_tokens
                 stats.token_ids.append(response.token)
                 yield response.text

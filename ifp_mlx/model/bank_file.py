@@ -112,7 +112,7 @@ class BankFile:
             for slot, tensor in enumerate(self._parts()):
                 records = self._read_records(tensor, layer, channels)  # [k, 3, X]
                 gate_up = np.concatenate([records[:, GATE], records[:, UP]])
-                down = records[:, DOWN]
+                down = np.ascontiguousarray(records[:, DOWN])  # a strided view would keep all of records alive in MLX
                 pair = (0, 1) if slot == 0 else ((2, 4) if slot == 1 else (3, 5))
                 fields[pair[0]].append(_as_mlx(gate_up, tensor.dtype))
                 fields[pair[1]].append(_as_mlx(down, tensor.dtype))
