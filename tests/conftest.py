@@ -68,8 +68,9 @@ def smollm2_loaded(smollm2_dir):
 
 @pytest.fixture
 def smollm2(smollm2_loaded):
-    """The loaded SmolLM2, reset to its dense FFN for every test that uses it."""
+    """The loaded SmolLM2, reset to its dense FFN (no adapter) for every test that uses it."""
     smollm2_loaded.assign(smollm2_loaded.dense_ffn())
+    smollm2_loaded.use_adapter(None)  # a pruned run with the shipped predictor applies its adapter
     for mlp in smollm2_loaded.mlps:
         mlp.channel_mask, mlp.observer = None, None
     return smollm2_loaded
