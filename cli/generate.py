@@ -79,13 +79,15 @@ def check_memory(path, selector, keep, k, mask, predictor, low_memory: bool, con
     """Refuse a run that will not fit, before loading anything (ifp_mlx.engine.memory)."""
     from ..engine.memory import check_fit
     from ..model.load import read_config
+    from ..select.base import DEFAULT_KEEP
+    from ..select.choose import prunes
 
     config = read_config(path)
-    pruning = selector != "dense" and (selector is not None or any(v is not None for v in (keep, k, mask, predictor)))
+    pruning = prunes(selector, keep, k, mask, predictor)
     if low_memory and not pruning:
         raise IFPError("--low-memory reads only the selected channels: it needs pruning (--keep R, or a --selector)")
     d_ff = config["ifp"]["bank"]["d_ff"]
-    share = keep if keep is not None else (min(k, d_ff) / d_ff if k else 0.5)
+    share = keep if keep is not None else (min(k, d_ff) / d_ff if k else DEFAULT_KEEP)
     check_fit(path, config, share if pruning else None, low_memory, context_tokens)
 
 

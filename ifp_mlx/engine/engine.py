@@ -1,9 +1,10 @@
 """The engine: select -> gather -> prefill -> decode, one mask per reply.
 
-It owns a loaded model, its FFN bank (resident), a selector and a small LRU
-cache of gathered submodels keyed by the selection, so a repeated selection
-(per-task mode, a static mask) is gathered once. The bank stays in memory and
-every submodel is a dense compact copy: no per-token weight reloading.
+It owns a loaded model, a selector and a small LRU cache of gathered submodels
+keyed by the selection, so a repeated selection (per-task mode, a static mask,
+a conversation) is gathered once. Every submodel is a dense compact copy,
+gathered from the resident bank or, with ``--low-memory``, read from disk: no
+per-token weight reloading.
 """
 
 import time

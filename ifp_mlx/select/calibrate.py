@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import re
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -101,7 +102,7 @@ def builtin_scores(loaded: LoadedModel, progress: Optional[Callable[[int, int], 
 
 def builtin_chunks(loaded: LoadedModel) -> list[list[int]]:
     """The built-in exchanges as tokens, each through the model's chat template."""
-    text = resources.files(__package__).joinpath(BUILTIN_TEXT).read_text(encoding="utf-8")
+    text = _builtin_text()
     tokenizer = loaded.tokenizer
     chunks = []
     for user, assistant in EXCHANGE.findall(text):
@@ -116,9 +117,14 @@ def builtin_chunks(loaded: LoadedModel) -> list[list[int]]:
 
 def _builtin_cache(loaded: LoadedModel) -> Path:
     """One cache file per model (its fingerprint) and per version of the built-in text."""
-    text = resources.files(__package__).joinpath(BUILTIN_TEXT).read_bytes()
-    key = json.dumps(model_fingerprint(loaded.config), sort_keys=True).encode() + text
+    key = json.dumps(model_fingerprint(loaded.config), sort_keys=True).encode() + _builtin_text().encode("utf-8")
     return ifp_home() / "calibration" / f"{hashlib.sha256(key).hexdigest()[:20]}.safetensors"
+
+
+@cache
+def _builtin_text() -> str:
+    """The built-in calibration text (read once: the cache key and the chunks both need it)."""
+    return resources.files(__package__).joinpath(BUILTIN_TEXT).read_text(encoding="utf-8")
 
 
 def _chunks(encode: Callable[[str], list[int]], texts: list[str], max_tokens: int) -> list[list[int]]:

@@ -35,6 +35,17 @@ def default_selector(loaded: LoadedModel, mask: Optional[Path] = None, predictor
     return "predictor" if predictor is not None or has_predictor(loaded) else "activations"
 
 
+def prunes(
+    selector: Optional[str], keep: Optional[float] = None, k: Optional[int] = None,
+    mask: Optional[Path] = None, predictor: Optional[Path] = None, prune: bool = False,
+) -> bool:
+    """Whether these options prune: a named selector but dense does; with none named,
+    any pruning option (``keep``, ``k``, a mask, a predictor) or ``prune`` does."""
+    if selector is not None:
+        return selector != "dense"
+    return prune or any(v is not None for v in (keep, k, mask, predictor))
+
+
 def make_selector(
     name: str, loaded: LoadedModel, mask: Optional[Path] = None, seed: int = 0, predictor: Optional[Path] = None
 ) -> Selector:
@@ -70,8 +81,7 @@ def choose(
     file's k, a predictor's keep, else half the channels).
     """
     if selector is None:
-        pruning = prune or any(v is not None for v in (keep, k, mask, predictor))
-        selector = default_selector(loaded, mask, predictor) if pruning else "dense"
+        selector = default_selector(loaded, mask, predictor) if prunes(None, keep, k, mask, predictor, prune) else "dense"
     if mask is not None and selector != "static":
         raise IFPError("--mask goes with --selector static")
     if predictor is not None and selector != "predictor":

@@ -32,7 +32,13 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from ..errors import IFPError
 from ..files import atomic_folder
-from ..model.adapter import ADAPTER_FILE, LORA_SCALE, Adapter, load_adapter, save_adapter
+from ..model.adapter import (
+    ADAPTER_FILE,
+    LORA_SCALE,
+    Adapter,
+    load_adapter,
+    save_adapter,
+)
 from ..model.bank import CompactFFN
 from ..model.load import LoadedModel, load, stack_layers
 from ..model.masks import check_fingerprint
@@ -49,6 +55,7 @@ from ..model.predictor_head import (
     write_predictor_files,
 )
 from .base import PREFILL_STEP, Selection, resolve_k, top_k
+
 
 class Backbone:
     """Runs the prompt through a model and returns final-norm hidden states.

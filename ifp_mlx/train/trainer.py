@@ -302,8 +302,8 @@ class Trainer:
         shard = rows[rank::size]
         args: dict = {}
         if self.config.stage != "distill":
-            _, global_mask = sequence_batch([self.pairs[i] for i in rows])
             args["tokens"], args["loss_mask"] = sequence_batch([self.pairs[i] for i in shard])
+            global_mask = args["loss_mask"] if size == 1 else sequence_batch([self.pairs[i] for i in rows])[1]
             args["denominator"] = mx.maximum(global_mask[:, 1:].sum(), 1)
             counted = int(global_mask.sum().item())
         else:  # the head learns from prompts: count their tokens
