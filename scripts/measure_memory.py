@@ -13,6 +13,10 @@ for the submodel:
 - pruned:      resident <= 1.15 x (non-FFN weights + bank + submodel + KV)
 - --low-memory: resident <= 1.15 x (non-FFN weights + compact FFN + KV)
 
+With the predictor, its head (float32, as loaded: 23 MB for SmolLM2's) is
+counted among the weights: a mode that selects with it must hold it. Its
+shared backbone holds nothing: those layers are the model's own.
+
 Usage: IFP_HOME=tests/.cache/ifp python scripts/measure_memory.py -m tests/.cache/smollm2-f32 -m qwen2.5-coder-0.5b
 """
 
@@ -100,7 +104,16 @@ def bound(path: Path, config: dict, mode: Mode, context_tokens: int) -> int:
     d_ff = ifp["bank"]["d_ff"]
     compact = bank * resolve_k(d_ff, mode.keep) // d_ff
     kv = kv_bytes(config, context_tokens)
-    return weights + compact + kv + (0 if mode.low_memory else bank)
+    head = predictor_head_bytes(config) if mode.args[mode.args.index("--selector") + 1] == "predictor" else 0
+    return weights + head + compact + kv + (0 if mode.low_memory else bank)
+
+
+def predictor_head_bytes(config: dict) -> int:
+    """The shipped predictor's head in memory: loaded in float32."""
+    import mlx.core as mx
+
+    weights = mx.load(str(shipped_predictor(config) / "predictor.safetensors"))
+    return sum(w.size * 4 for w in weights.values())
 
 
 def mb(n: float) -> str:

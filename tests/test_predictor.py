@@ -236,11 +236,33 @@ def test_shared_backbone_features_and_round_trip(tmp_path, target, target_dir):
     np.testing.assert_array_equal(np.array(loaded.scores(mx.array(ours))), np.array(predictor.scores(mx.array(ours))))
     with pytest.raises(IFPError, match="already exists"):
         save_predictor(tmp_path / "p", predictor, target.config)
-    # Lengths instead of a mask, and a long prompt (chunked through a KV cache).
+    # Lengths instead of a mask, and a long prompt read whole (chunked through a KV cache).
     np.testing.assert_array_equal(np.array(predictor.features(tokens, mx.array([len(p) for p in PROMPTS]))), ours)
     long = [int(t) for t in np.random.default_rng(0).integers(0, 256, 700)]
+    predictor.window = 0
     want = reference_features(config, weights, [long], num_layers=1)
     np.testing.assert_allclose(np.array(predictor.features([long])), want, atol=1e-4)
+
+
+def test_predictor_reads_a_long_prompt_as_its_first_and_last_halves_of_the_window(tmp_path, target, target_dir):
+    """Prompts up to the window are read whole; a longer one as its first and last
+    window/2 tokens, also beside a short prompt in one padded batch; the window
+    is saved with the predictor and read back."""
+    config = json.loads((target_dir / "config.json").read_text())
+    weights = tiny_weights(tiny_config("qwen2"), seed=0)
+    predictor = create_predictor(target, "shared:1")
+    assert predictor.window == 256
+    predictor.window = 16
+    rng = np.random.default_rng(1)
+    long, short = [int(t) for t in rng.integers(0, 256, 40)], [int(t) for t in rng.integers(0, 256, 16)]
+    want = reference_features(config, weights, [long[:8] + long[-8:], short], num_layers=1)
+    tokens, mask = pad_batch([long, short])
+    np.testing.assert_allclose(np.array(predictor.features(tokens, mask)), want, atol=1e-4)
+    save_predictor(tmp_path / "p", predictor, target.config)
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["window"] == 16
+    assert load_predictor(tmp_path / "p", target)[0].window == 16
+    with pytest.raises(IFPError, match="bad predictor window 1"):
+        create_predictor(target, "shared:1").__class__(8, 2, 4, window=1)
 
 
 def test_separate_backbone_predictor_saves_a_self_contained_folder(tmp_path, target, target_dir):

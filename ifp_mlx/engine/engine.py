@@ -21,6 +21,7 @@ from mlx_lm.models.cache import (
 from mlx_lm.sample_utils import make_sampler
 
 from ..gather.backend import gather
+from ..heap import release_free_memory
 from ..model.bank import Bank, CompactFFN, check_indices
 from ..model.bank_file import ReadStats
 from ..model.load import LoadedModel
@@ -78,13 +79,14 @@ class Engine:
         if key in self.submodels:
             self.submodels.move_to_end(key)
             return self.submodels[key], False
+        release_free_memory()  # the selection's transient buffers, before the submodel is built
         if self.loaded.low_memory:
             self.submodels.clear()  # bounded to what is in use: the point of --low-memory
             ffn, self.last_read = self.loaded.bank_file().gather(selection.indices)
         else:
             ffn = gather(self.bank, selection.indices)
         mx.eval(ffn.arrays())
-        mx.clear_cache()  # the selection's and gather's transient buffers: resident memory is the submodel
+        release_free_memory()  # the selection's and gather's transient buffers: resident memory is the submodel
         self.gathers += 1
         self.submodels[key] = ffn
         while len(self.submodels) > self.cache_size:

@@ -111,8 +111,9 @@ class LoadedModel:
         return self.dense
 
     def dense_layer(self, layer: int) -> CompactFFN:
-        """One layer's dense FFN ``[1, ...]``, built and evaluated now."""
-        ffn = dense_ffn(self.layer_bank(layer))
+        """One layer's dense FFN ``[1, ...]``, built and evaluated now (from the
+        resident bank, else read from disk straight into its layout)."""
+        ffn = dense_ffn(self.layer_bank(layer)) if self.resident_bank is not None else self.bank_file().dense_layer(layer)
         mx.eval(ffn.arrays())
         return ffn
 

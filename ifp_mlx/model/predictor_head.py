@@ -27,6 +27,11 @@ DEFAULT_FOLDER = "predictor"  # a model folder's default predictor
 SHIPPED_FOLDER = "predictors"  # predictors shipped in the package, one folder per model
 HEAD_HIDDEN = 128
 DEFAULT_KEEP = 0.5
+# Prompt tokens the predictor reads: a longer prompt is read as its first and
+# last halves of this many (0: the whole prompt). Bounds the selection's cost
+# (the backbone's N dense layers over the prompt) against a prefill that grows
+# with the prompt: docs/PREDICTOR.md measures both sides of that trade.
+DEFAULT_WINDOW = 256
 LAYER_NORM_EPS = 1e-5  # torch.nn.functional.layer_norm's default
 
 ACTIVATIONS = {
@@ -55,14 +60,17 @@ class PredictorHead(nn.Module):
         bias: tuple[bool, bool] = (True, True),
         feature_norm: str = "none",
         backbone: Optional[Any] = None,
+        window: int = DEFAULT_WINDOW,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise IFPError(f"unknown predictor activation {activation!r}: use one of {', '.join(ACTIVATIONS)}")
         if feature_norm not in FEATURE_NORMS:
             raise IFPError(f"unknown feature_norm {feature_norm!r}: use one of {', '.join(FEATURE_NORMS)}")
+        if not isinstance(window, int) or isinstance(window, bool) or window < 0 or window == 1:
+            raise IFPError(f"bad predictor window {window!r}: use 0 (the whole prompt) or a number of tokens >= 2")
         self.num_layers, self.d_ff = num_layers, d_ff
-        self.activation, self.feature_norm = activation, feature_norm
+        self.activation, self.feature_norm, self.window = activation, feature_norm, window
         self.proj = nn.Linear(hidden_size, head_hidden, bias=bias[0])
         self.out = nn.Linear(head_hidden, num_layers * d_ff, bias=bias[1])
         self.backbone = backbone
@@ -129,6 +137,7 @@ def predictor_config(predictor: PredictorHead, target_config: dict, keep: float,
         "activation": predictor.activation,
         "bias": list(predictor.bias),
         "feature_norm": predictor.feature_norm,
+        "window": predictor.window,
         "target": model_fingerprint(target_config),
         "keep": keep,
         "weights": WEIGHTS_FILE,

@@ -8,9 +8,15 @@ top-k channels.
 
 Backbones:
 - ``shared:N``: the target model's own embedding, first N layers (dense FFN)
-  and final norm. No extra weights beyond a dense copy of N layers' FFN.
+  and final norm. No extra weights: the N layers' dense FFN is built from the
+  bank (resident, or read from disk with ``--low-memory``) a layer at a time in
+  each selection, never kept beside it.
 - a separate ifp model folder (the paper's small LM), loaded dense. When its
   vocabulary differs from the target's, the prompt is re-tokenized from text.
+
+A prompt longer than the predictor's window (256 tokens unless its folder says
+otherwise) is read as its first and last halves, so the selection costs at most
+N dense layers over that many tokens however long the prompt grows.
 
 The folder format and the head live in ``ifp_mlx.model.predictor_head``.
 
@@ -23,6 +29,7 @@ the engine can only take a cache covering every layer (see docs/PREDICTOR.md).
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from functools import partial
 from typing import Iterator, Optional, Sequence
 
 import mlx.core as mx
@@ -39,13 +46,13 @@ from ..model.adapter import (
     load_adapter,
     save_adapter,
 )
-from ..model.bank import CompactFFN
-from ..model.load import LoadedModel, load, stack_layers
+from ..model.load import LoadedModel, load
 from ..model.masks import check_fingerprint
 from ..model.predictor_head import (
     BACKBONE_FOLDER,
     DEFAULT_FOLDER,
     DEFAULT_KEEP,
+    DEFAULT_WINDOW,
     HEAD_HIDDEN,
     SHIPPED_FOLDER,
     WEIGHTS_FILE,
@@ -68,7 +75,6 @@ class Backbone:
 
     def __init__(self, loaded: LoadedModel, layers: Optional[int] = None, shared: bool = False):
         self.loaded, self.layers, self.shared = loaded, layers, shared
-        self.ffn: Optional[CompactFFN] = None  # dense FFN of the first N layers (shared)
         self._same_vocab: Optional[bool] = None
 
     @property
@@ -78,16 +84,6 @@ class Backbone:
     @property
     def hidden_size(self) -> int:
         return self.loaded.ifp["bank"]["hidden_size"]
-
-    def prepare(self) -> None:
-        """Shared: the dense FFN of the first N layers, built once (a copy of just
-        those layers, from the resident bank or read from disk)."""
-        if not self.shared or self.ffn is not None:
-            return
-        if self.loaded.dense is not None:
-            self.ffn = self.loaded.dense
-            return
-        self.ffn = stack_layers([self.loaded.dense_layer(i) for i in range(self.layers)])
 
     def encode(self, tokens: list[int], tokenizer) -> list[int]:
         """The prompt in the backbone's vocabulary (re-tokenized from text if it differs)."""
@@ -102,14 +98,17 @@ class Backbone:
     def hidden(self, tokens: mx.array) -> mx.array:
         """Final-norm hidden states ``[B, T, d]`` of right-padded ``tokens [B, T]``.
 
-        Shared: the first N layers are left on the dense FFN; the engine assigns
-        its submodel after selecting, as it does after every selector.
+        Shared: the first N layers compute every channel (the dense FFN when
+        it is built, else from the bank a layer at a time) and are left so; the
+        engine assigns its submodel after selecting, as it does after every selector.
         """
         body = self.loaded.model.model
         if self.shared:
-            self.prepare()
             for mlp in self.loaded.mlps[: self.layers]:
-                mlp.assign(self.ffn)
+                if self.loaded.dense is not None:
+                    mlp.assign(self.loaded.dense)
+                else:
+                    mlp.assign_records(partial(self.loaded.dense_layer, mlp.layer))
         caches = make_prompt_cache(self.loaded.model) if tokens.shape[1] > PREFILL_STEP else None
         with _first_layers(body, self.layers):
             if caches is None:
@@ -193,6 +192,19 @@ def _pack(tokens, mask) -> tuple[np.ndarray, np.ndarray]:
     return packed.astype(np.int32), lengths
 
 
+def _window(packed: np.ndarray, lengths: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each packed prompt longer than ``window`` cut to its first and last halves
+    of it (0: no window), as long-context evaluations cut the middle: the
+    instruction at either end stays in view."""
+    if not window or lengths.max() <= window:
+        return packed, lengths
+    head, out = window // 2, np.zeros((len(packed), window), np.int32)
+    for row, (tokens, n) in enumerate(zip(packed, lengths.tolist())):
+        kept = tokens[:n] if n <= window else np.concatenate([tokens[:head], tokens[n - (window - head) : n]])
+        out[row, : len(kept)] = kept
+    return out, np.minimum(lengths, window)
+
+
 class Predictor(PredictorHead):
     """The head with a backbone attached: prompts in, per-layer top-k out."""
 
@@ -204,7 +216,7 @@ class Predictor(PredictorHead):
         """
         if self.backbone is None:
             raise IFPError("this predictor has no backbone attached")
-        packed, lengths = _pack(tokens, mask)
+        packed, lengths = _window(*_pack(tokens, mask), self.window)
         hidden = self.backbone.hidden(mx.array(packed))
         rows = mx.arange(packed.shape[0])
         return hidden[rows, mx.array(lengths - 1)].astype(mx.float32)
@@ -224,7 +236,6 @@ def create_predictor(
 ) -> Predictor:
     """A freshly initialised predictor for ``loaded`` (training starts from here)."""
     attached = open_backbone(backbone, loaded, base)
-    attached.prepare()
     return Predictor(attached.hidden_size, loaded.num_layers, loaded.d_ff, head_hidden, activation, backbone=attached)
 
 
@@ -303,6 +314,7 @@ def load_predictor(path: str | Path, loaded: LoadedModel) -> tuple[Predictor, di
     predictor = Predictor(
         config["hidden_size"], loaded.num_layers, loaded.d_ff, config.get("head_hidden", HEAD_HIDDEN),
         config.get("activation", "none"), tuple(config.get("bias", (True, True))), config.get("feature_norm", "none"),
+        window=config.get("window", DEFAULT_WINDOW),
     )
     load_head(predictor, weights, weights_file)
     predictor.backbone = open_backbone(config["backbone"], loaded, path)
@@ -310,7 +322,6 @@ def load_predictor(path: str | Path, loaded: LoadedModel) -> tuple[Predictor, di
         raise IFPError(
             f"{path}: the head reads {predictor.hidden_size} features, the backbone gives {predictor.backbone.hidden_size}"
         )
-    predictor.backbone.prepare()
     return predictor, config
 
 
