@@ -19,6 +19,7 @@ from typing import Iterable
 
 import numpy as np
 
+from ..model.safetensors_header import read_header
 from .errors import ConversionError
 from .tensors import SourceTensor, bf16_to_float32
 
@@ -37,25 +38,6 @@ NUMPY_DTYPES = {
 }
 DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32"}
-
-
-def read_header(path: Path) -> tuple[dict, int]:
-    """Return the header dict and the byte offset where tensor data starts."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ConversionError(f"{path}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8 or n > 100 << 20:
-            raise ConversionError(f"{path}: not a safetensors file (bad header length)")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, RecursionError):  # bad JSON or UTF-8, huge ints, deep nesting
-            raise ConversionError(f"{path}: not a safetensors file (unreadable header)") from None
-    if not isinstance(header, dict):
-        raise ConversionError(f"{path}: not a safetensors file (the header is not a JSON object)")
-    return header, 8 + n
 
 
 def _is_count(value) -> bool:
@@ -87,7 +69,7 @@ def _entry(path: Path, name: str, info) -> tuple[str, tuple[int, ...], int, int]
 def read_safetensors(path: str | Path) -> dict[str, SourceTensor]:
     """Lazily read every tensor of one safetensors file."""
     path = Path(path)
-    header, start = read_header(path)
+    header, start = read_header(path, ConversionError)
     size = path.stat().st_size
     tensors = {}
     for name, info in header.items():

@@ -9,9 +9,7 @@ down column are one contiguous record), and nothing of the file stays resident
 after the read. ``BankFile`` counts the bytes it reads and the time it takes.
 """
 
-import json
 import os
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 
 from ..errors import IFPError
 from .bank import Bank, CompactFFN
+from .safetensors_header import read_header
 
 # safetensors dtype -> (numpy storage dtype, mlx dtype); bfloat16 travels as uint16 bits.
 DTYPES = {
@@ -187,16 +186,10 @@ def _as_mlx(a: np.ndarray, dtype: mx.Dtype) -> mx.array:
 
 def _read_header(path: Path, names: tuple[str, ...]) -> dict[str, _Tensor]:
     """The bank tensors' offsets and shapes, checked against each other and the file."""
-    size = path.stat().st_size if path.is_file() else 0
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        (n,) = struct.unpack("<Q", raw) if len(raw) == 8 else (size,)
-        try:
-            header = json.loads(f.read(n)) if 0 < n <= min(size - 8, 100 << 20) else None
-        except ValueError:
-            header = None
-    if not isinstance(header, dict):
-        raise IFPError(f"{path}: not a safetensors FFN bank")
+    if not path.is_file():
+        raise IFPError(f"{path}: the FFN bank file is missing")
+    header, start = read_header(path)
+    size = path.stat().st_size
     tensors = {}
     for name in names:
         entry = header.get(name)
@@ -206,8 +199,8 @@ def _read_header(path: Path, names: tuple[str, ...]) -> dict[str, _Tensor]:
             shape = tuple(int(v) for v in entry["shape"])
         except (KeyError, TypeError, ValueError):
             raise IFPError(f"{path}: no readable {name} in the FFN bank")
-        tensor = _Tensor(8 + n + begin, shape, storage, dtype)
-        if len(shape) != 4 or shape[2] != 3 or end - begin != tensor.record_bytes * shape[0] * shape[1] or 8 + n + end > size:
+        tensor = _Tensor(start + begin, shape, storage, dtype)
+        if len(shape) != 4 or shape[2] != 3 or end - begin != tensor.record_bytes * shape[0] * shape[1] or start + end > size:
             raise IFPError(f"{path}: {name} has a bad shape or size in the FFN bank header")
         tensors[name] = tensor
     return tensors

@@ -15,6 +15,9 @@ import numpy as np
 
 from ..errors import IFPError
 from ..model.adapter import Adapter
+# DEFAULT_KEEP: what a selector keeps when neither it nor the user says, the same
+# default as a predictor folder that names no keep of its own.
+from ..model.predictor_head import DEFAULT_KEEP  # noqa: F401
 
 PREFILL_STEP = 512  # tokens per forward pass when a prompt is run in chunks
 
@@ -51,9 +54,6 @@ class Selector(Protocol):
     def select(self, tokens: list[int], k: int) -> Selection: ...
 
     def default_k(self, d_ff: int) -> int: ...
-
-
-DEFAULT_KEEP = 0.5  # what a selector keeps when neither it nor the user says
 
 
 def round_k(k: int, d_ff: int) -> int:
