@@ -19,6 +19,8 @@ def serve(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="model folder or named model (default smollm2-135m)"),
     keep: Optional[float] = typer.Option(None, "--keep", help="default fraction of FFN channels kept per layer, 0 < R <= 1 (a request's keep overrides it)"),
     selector: Optional[str] = typer.Option(None, "--selector", "-s", help="default selector: predictor | activations | static | dense | random (a request's selector overrides it)"),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="mask file for the static selector (from ifp calibrate / ifp masks --save); alone, static becomes the default"),
+    predictor: Optional[Path] = typer.Option(None, "--predictor", help="predictor folder for the predictor selector (else the model's own or the shipped one)"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (anything but loopback exposes an unauthenticated server)"),
     port: int = typer.Option(8080, "--port", help="TCP port"),
     low_memory: bool = typer.Option(False, "--low-memory", help="keep the FFN bank on disk: read only the selected channels (pruning only)"),
@@ -56,7 +58,7 @@ def serve(
     context = context_length(config)
     cache_bytes = cache_mb << 20
     held = (context or max_tokens) + cache_bytes // max(1, kv_bytes(config, 1))  # one full context and the kept conversations
-    check_memory(path, selector, keep, None, None, None, low_memory, held)
+    check_memory(path, selector, keep, None, mask, predictor, low_memory, held)
 
     import uvicorn
 
@@ -65,7 +67,7 @@ def serve(
     from ..serve.worker import Settings, Worker
 
     limits = Limits(model_names(model, path), context, selector, keep, low_memory)
-    settings = Settings(path, limits, max_tokens, conversations, cache_bytes, submodels, queue)
+    settings = Settings(path, limits, max_tokens, conversations, cache_bytes, submodels, queue, mask, predictor)
     show_replies(log_level)
     worker = Worker(settings)
     worker.start()

@@ -13,11 +13,17 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
 from openai import OpenAI
 
+import mlx.core as mx
+
+from ifp_mlx.errors import IFPError
+from ifp_mlx.model.masks import save_mask
+from ifp_mlx.select.base import top_k
 from ifp_mlx.serve.protocol import APIError, Limits, parse_chat
 from ifp_mlx.serve.stops import StopWatch
 from ifp_mlx.serve.worker import Settings, Worker
@@ -41,7 +47,8 @@ def get(url: str) -> dict:
 def server(smollm2_dir, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "stderr.txt"
-    args = ["serve", "-m", str(smollm2_dir), "--port", str(port), "--keep", "0.5", "--log-level", "warning", "--max-body-kb", str(MAX_BODY_KB)]
+    args = ["serve", "-m", str(smollm2_dir), "--port", str(port), "--keep", "0.5", "--log-level", "warning", "--max-body-kb", str(MAX_BODY_KB),
+            "--predictor", str(SHIPPED)]
     with open(log, "w") as stderr:
         process = subprocess.Popen([*IFP, *args], env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=stderr)
     base = f"http://127.0.0.1:{port}"
@@ -282,3 +289,26 @@ def test_a_full_queue_answers_503(tmp_path):
         assert e.value.status == 503 and worker.waiting == 1
     finally:
         loop.close()
+
+
+SHIPPED = Path(__file__).parent.parent / "ifp_mlx" / "predictors" / "smollm2-135m"
+
+
+def test_the_servers_mask_and_predictor_go_to_their_selectors(smollm2, smollm2_dir, tmp_path):
+    """--mask and --predictor reach the static and predictor selectors (a mask alone
+    makes static the default); no selector named and the default's name share one
+    engine; a bad file stops the server's start with its one-line error."""
+    indices = top_k(mx.random.uniform(shape=(smollm2.num_layers, smollm2.d_ff)), 200)
+    mask = save_mask(tmp_path / "m.safetensors", indices, smollm2.config)
+    worker = Worker(Settings(smollm2_dir, Limits(("m",), 2048), mask=mask, predictor=SHIPPED))
+    worker.loaded = smollm2  # the worker thread's model, loaded by the test instead
+    static = worker._engine(None, None)
+    assert static.selector.name == "static" and static.k == 200
+    assert worker._engine("static", None) is static
+    assert worker._engine("predictor", 0.5).selector.name == "predictor"
+    plain = Worker(Settings(smollm2_dir, Limits(("m",), 2048)))
+    plain.loaded = smollm2
+    assert plain._engine(None, 0.5) is plain._engine("predictor", 0.5)
+    bad = Worker(Settings(smollm2_dir, Limits(("m",), 2048), mask=tmp_path / "missing.safetensors"))
+    with pytest.raises(IFPError, match="missing.safetensors"):
+        bad.start()

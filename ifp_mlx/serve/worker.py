@@ -24,7 +24,7 @@ from ..engine.prompts import chat_tokens, check_context, prompt_tokens
 from ..engine.stats import GenerationConfig, GenerationStats
 from ..errors import IFPError
 from ..select.base import Selection, resolve_k
-from ..select.choose import choose
+from ..select.choose import choose, default_selector, prunes
 from .protocol import APIError, Ask, Limits
 from .responses import Usage
 from .stops import StopWatch
@@ -44,6 +44,8 @@ class Settings:
     cache_bytes: int = 1 << 30  # ... and the most bytes of KV they may hold together
     submodels: int = 4  # gathered submodels each engine keeps
     queue: int = 32  # requests that may wait or run at once; beyond it, 503
+    mask: Optional[Path] = None  # the static selector's mask file (--mask)
+    predictor: Optional[Path] = None  # the predictor selector's folder (--predictor)
 
 
 @dataclass
@@ -181,6 +183,10 @@ class Worker:
 
             self.loaded = load(self.settings.path, dense=False, low_memory=self.settings.limits.low_memory)
             limits = self.settings.limits
+            # the files named on the command line are checked now, not at the first request for them
+            for named, selector in ((self.settings.mask, "static"), (self.settings.predictor, "predictor")):
+                if named is not None:
+                    self._engine(selector, limits.keep)
             self._engine(limits.selector, limits.keep)
         except BaseException as e:  # handed to start(), on the main thread
             self._startup_error = e
@@ -200,13 +206,23 @@ class Worker:
                     self._waiting -= 1
 
     def _engine(self, selector: Optional[str], keep: Optional[float], seed: int = 0) -> Engine:
-        """The engine for (selector, k), built on first use; the least recently used goes first."""
+        """The engine for (selector, k), built on first use; the least recently used goes first.
+
+        Keyed by the selector's name as resolved (no selector named and the
+        default named are one engine); the server's --mask and --predictor go
+        to the selectors they belong to.
+        """
+        mask, predictor = self.settings.mask, self.settings.predictor
+        if selector is None:
+            prunes_now = prunes(None, keep, None, mask, predictor)
+            selector = default_selector(self.loaded, mask, predictor) if prunes_now else "dense"
         k = None if keep is None else resolve_k(self.loaded.d_ff, keep)
         key = (selector, k, seed if selector == "random" else 0)
         if key in self.engines:
             self.engines.move_to_end(key)
             return self.engines[key]
-        engine = Engine.for_choice(self.loaded, choose(self.loaded, selector, keep, seed=seed))
+        mask, predictor = (mask if selector == "static" else None), (predictor if selector == "predictor" else None)
+        engine = Engine.for_choice(self.loaded, choose(self.loaded, selector, keep, mask=mask, predictor=predictor, seed=seed))
         engine.cache_size = self.settings.submodels
         engine.warm_up()
         self.engines[key] = engine
