@@ -82,6 +82,7 @@ class Engine:
         release_free_memory()  # the selection's transient buffers, before the submodel is built
         if self.loaded.low_memory:
             self.submodels.clear()  # bounded to what is in use: the point of --low-memory
+            self.loaded.unassign()  # ... and the layers let go of the last one before the next is read
             ffn, self.last_read = self.loaded.bank_file().gather(selection.indices)
         else:
             ffn = gather(self.bank, selection.indices)

@@ -62,10 +62,15 @@ class CompactMLP(nn.Module):
         layer-sized copy per call instead of a dense copy of the whole FFN kept
         beside the bank.
         """
+        self.unassign()
+        self.records = records
+
+    def unassign(self) -> None:
+        """Drop this layer's arrays (its submodel's memory is freed with the last reference)."""
+        self.records = None
         for name in ("gate_up", "down_t", "gate_up_scales", "gate_up_biases", "down_t_scales", "down_t_biases"):
             if name in self:
                 del self[name]
-        self.records = records
 
     def _set(self, ffn: CompactFFN, i: int) -> None:
         self.gate_up = layer_of(ffn.gate_up, i)

@@ -138,6 +138,11 @@ class LoadedModel:
             adapter.enable(self.model)
         self.adapter = adapter
 
+    def unassign(self) -> None:
+        """No layer holds a submodel (until the next ``assign``)."""
+        for mlp in self.mlps:
+            mlp.unassign()
+
     def assign(self, ffn: CompactFFN) -> None:
         """Make every layer compute with ``ffn`` (dense or a gathered submodel)."""
         for mlp in self.mlps:
