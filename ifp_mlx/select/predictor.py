@@ -28,8 +28,8 @@ the engine can only take a cache covering every layer (see docs/PREDICTOR.md).
 
 import shutil
 from contextlib import contextmanager
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import mlx.core as mx
@@ -39,13 +39,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from ..errors import IFPError
 from ..files import atomic_folder
-from ..model.adapter import (
-    ADAPTER_FILE,
-    LORA_SCALE,
-    Adapter,
-    load_adapter,
-    save_adapter,
-)
+from ..model.adapter import ADAPTER_FILE, LORA_SCALE, Adapter, load_adapter, save_adapter
 from ..model.load import LoadedModel, load
 from ..model.masks import check_fingerprint
 from ..model.predictor_head import (
