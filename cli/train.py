@@ -28,7 +28,9 @@ def train(
     batch_size: int = typer.Option(8, "--batch-size", help="examples per step"),
     learning_rate: float = typer.Option(1e-3, "--lr", help="AdamW learning rate"),
     temperature: float = typer.Option(0.5, "--temperature", help="SoftTopK temperature"),
-    train_llm: str = typer.Option("none", "--train-llm", help="none | lora (adapters on attention, saved beside the predictor: used only when pruning)"),
+    train_llm: str = typer.Option("none", "--train-llm", help="none | lora (adapters saved beside the predictor: used only when pruning)"),
+    lora_on: str = typer.Option("attention", "--lora-on", help="with --train-llm lora: attention | ffn | all"),
+    lora_rank: int = typer.Option(8, "--lora-rank", help="with --train-llm lora: the adapters' rank"),
     freeze_predictor: bool = typer.Option(False, "--freeze-predictor", help="with --train-llm lora: train the adapters alone, under the --init predictor's masks"),
     init: Optional[Path] = typer.Option(None, "--init", help="start from this predictor folder (e.g. a distilled one)"),
     init_mask: Optional[Path] = typer.Option(None, "--init-mask", help="start as this static mask (from ifp calibrate) for every prompt"),
@@ -59,7 +61,7 @@ def train(
     config = TrainConfig(
         stage=stage, keep=keep, backbone=backbone, distill_target=distill_target, steps=steps, batch_size=batch_size,
         learning_rate=learning_rate, temperature=temperature, train_llm=train_llm, log_every=log_every,
-        freeze_predictor=freeze_predictor,
+        freeze_predictor=freeze_predictor, lora_on=lora_on, lora_rank=lora_rank,
     )
     config.check()
     if (out / "config.json").exists() and not force and not resume:

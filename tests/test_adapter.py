@@ -12,22 +12,26 @@ from ifp_mlx.engine.stats import GenerationConfig, GenerationStats
 from ifp_mlx.model.adapter import ADAPTER_FILE
 from ifp_mlx.model.bank import gather_rows
 from ifp_mlx.model.load import load
+from ifp_mlx.select.base import Selection
 from ifp_mlx.select.choose import choose
 from ifp_mlx.train.trainer import export
 
 TOKENS = mx.array([[3, 5, 7, 9, 11, 13]])
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny model and a predictor trained jointly with LoRA (exported with its adapter)."""
+@pytest.fixture(scope="module", params=["attention", "all"])
+def trained(tmp_path_factory, request):
+    """A tiny model and a predictor trained jointly with LoRA (exported with its
+    adapter): on the attention alone, and on the attention and the FFN."""
     root = tmp_path_factory.mktemp("adapter")
     from ifp_mlx.convert import ConvertOptions, convert
     from tiny import write_hf_folder
 
     write_hf_folder(root / "hf", "llama", intermediate_size=64, num_hidden_layers=3)
     convert(root / "hf", root / "model", ConvertOptions(dtype="float32"))
-    trainer = make_trainer(root / "model", root / "work", stage="sft", steps=3, train_llm="lora", learning_rate=1e-2)
+    trainer = make_trainer(
+        root / "model", root / "work", stage="sft", steps=3, train_llm="lora", learning_rate=1e-2, lora_on=request.param
+    )
     trainer.train()
     export(trainer, root / "pred")
     return root / "model", root / "pred"
@@ -63,10 +67,11 @@ def test_pruned_with_the_adapter_equals_the_masked_reference_with_it(trained):
     selector = choose(loaded, "predictor", keep=0.5, predictor=pred).selector
     k = selector.default_k(loaded.d_ff)
     indices = selector.select([3, 5, 7], k).indices
-    loaded.use_adapter(selector.adapter)
+    loaded.use_adapter(selector.adapter, indices)
     loaded.assign(gather_rows(loaded.bank(), indices))
     compact = logits(loaded)
-    # the reference: the dense FFN with every unselected channel zeroed, the same adapter on
+    # the reference: the dense FFN with every unselected channel zeroed, the same adapter on (at full width)
+    loaded.use_adapter(selector.adapter)
     loaded.assign(loaded.dense_ffn())
     mask = np.zeros((loaded.num_layers, loaded.d_ff), np.float32)
     np.put_along_axis(mask, np.array(indices).astype(np.int64), 1.0, axis=1)
@@ -80,3 +85,21 @@ def test_pruned_with_the_adapter_equals_the_masked_reference_with_it(trained):
     without = logits(loaded)  # the same submodel without the adapter
     np.testing.assert_allclose(compact, reference, rtol=1e-4, atol=1e-4)
     assert np.abs(compact - without).max() > 1e-4  # the adapter does something
+
+
+def test_ffn_adapters_follow_the_submodel_and_come_off_for_dense(trained):
+    """The FFN's updates are the kept channels' slice of the trained factors, and a
+    dense run afterwards has none left on any layer."""
+    model, pred = trained
+    loaded = load(model, dense=False)
+    engine = Engine.for_choice(loaded, choose(loaded, "predictor", keep=0.5, predictor=pred))
+    adapter = engine.selector.adapter
+    "".join(engine.generate([3, 5, 7], GenerationConfig(max_tokens=2), GenerationStats()))
+    adapted = [mlp for mlp in loaded.mlps if "down_lora" in mlp]
+    assert bool(adapted) == ("ffn" in adapter.targets)
+    for mlp in adapted:
+        a, b = adapter.weights[f"model.layers.{mlp.layer}.mlp.gate_up_lora"]
+        assert mlp.gate_up_lora.lora_b.shape == (b.shape[0], 2 * mlp.width) and mlp.width < loaded.d_ff
+        assert mlp.down_lora.lora_a.shape == (mlp.width, a.shape[1])
+    Engine.for_choice(loaded, choose(loaded)).use(Selection(None))
+    assert not any("down_lora" in mlp or "gate_up_lora" in mlp for mlp in loaded.mlps)

@@ -11,6 +11,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from tiny import write_hf_folder
 
 from ifp_mlx.errors import IFPError
+from ifp_mlx.model.ffn import FFN_ADAPTERS
 from ifp_mlx.model.load import load
 from ifp_mlx.select.predictor import load_predictor
 from ifp_mlx.train.lora import ATTENTION_KEYS, LORA_SCALE, add_lora, merge_lora
@@ -88,13 +89,13 @@ def test_a_few_steps_lower_the_loss(tiny, tmp_path, stage, lr):
     assert 0 <= trainer.history[-1]["overlap"] <= 1 and len(trainer.history[-1]["overlap_per_layer"]) == 3
 
 
-@pytest.mark.parametrize("train_llm", ["none", "lora"])
-def test_resume_continues_from_the_same_state(tiny, tmp_path, train_llm):
-    straight = make_trainer(tiny, tmp_path / "a", stage="sft", steps=4, train_llm=train_llm)
+@pytest.mark.parametrize("train_llm,lora_on", [("none", "attention"), ("lora", "attention"), ("lora", "all")])
+def test_resume_continues_from_the_same_state(tiny, tmp_path, train_llm, lora_on):
+    straight = make_trainer(tiny, tmp_path / "a", stage="sft", steps=4, train_llm=train_llm, lora_on=lora_on)
     straight.train()
-    first = make_trainer(tiny, tmp_path / "b", stage="sft", steps=2, train_llm=train_llm)
+    first = make_trainer(tiny, tmp_path / "b", stage="sft", steps=2, train_llm=train_llm, lora_on=lora_on)
     first.train()
-    resumed = make_trainer(tiny, tmp_path / "b", stage="sft", steps=4, train_llm=train_llm)
+    resumed = make_trainer(tiny, tmp_path / "b", stage="sft", steps=4, train_llm=train_llm, lora_on=lora_on)
     resumed.resume()
     assert resumed.step == 2
     resumed.train()
@@ -105,13 +106,30 @@ def test_resume_continues_from_the_same_state(tiny, tmp_path, train_llm):
         np.testing.assert_allclose(np.array(a[name]), np.array(b[name]), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("saved,now", [("lora", "none"), ("none", "lora")])
+@pytest.mark.parametrize("saved,now", [("lora", "none"), ("none", "lora"), ("lora:ffn", "lora:attention")])
 def test_resume_with_other_parameters_is_a_one_line_error(tiny, tmp_path, saved, now):
-    make_trainer(tiny, tmp_path, stage="sft", steps=1, train_llm=saved).train()
-    other = make_trainer(tiny, tmp_path, stage="sft", steps=2, train_llm=now)
+    def settings(spec: str) -> dict:
+        train_llm, _, on = spec.partition(":")
+        return {"train_llm": train_llm, "lora_on": on or "attention"}
+
+    make_trainer(tiny, tmp_path, stage="sft", steps=1, **settings(saved)).train()
+    other = make_trainer(tiny, tmp_path, stage="sft", steps=2, **settings(now))
     with pytest.raises(IFPError, match="parameters do not match this run's") as error:
         other.resume()
     assert "\n" not in str(error.value) and other.step == 0
+
+
+@pytest.mark.parametrize("minutes,expected", [(1e-9, [None, 1, 2]), (60.0, [None, None, None])])
+def test_checkpoints_are_also_written_after_a_while(tiny, tmp_path, minutes, expected):
+    """Slow steps (minutes each on a laptop CPU) must not wait 50 steps for a checkpoint."""
+    import json
+
+    trainer = make_trainer(tiny, tmp_path, stage="distill", steps=3)
+    trainer.config.checkpoint_every, trainer.config.checkpoint_minutes = 100, minutes
+    state = tmp_path / "checkpoint" / "state.json"
+    seen = []
+    trainer.train(lambda step, *_: seen.append(json.loads(state.read_text())["step"] if state.is_file() else None))
+    assert seen == expected and json.loads(state.read_text())["step"] == 3
 
 
 def test_export_loads_as_a_predictor(tiny, tmp_path):
@@ -181,6 +199,24 @@ def test_lora_on_smollm2_fuses_to_the_same_logits(smollm2_dir):
     np.testing.assert_allclose(np.array(loaded.model(tokens)), adapted, rtol=1e-4, atol=1e-4)
 
 
+def test_ffn_lora_starts_bit_identical_and_trains_after_the_backbone(tiny, tmp_path):
+    loaded = load(tiny)
+    tokens = mx.array([[3, 5, 7, 9, 11]])
+    before = np.array(loaded.model(tokens))
+    add_lora(loaded.model, 1, rank=4, on="ffn")
+    assert adapter_names(loaded.model) == {
+        f"model.layers.{layer}.mlp.{name}.{part}" for layer in (1, 2) for name in FFN_ADAPTERS for part in ("lora_a", "lora_b")
+    }
+    np.testing.assert_array_equal(np.array(loaded.model(tokens)), before)  # B = 0: a fresh adapter adds nothing
+    trainer = make_trainer(tiny, tmp_path / "work", stage="sft", steps=3, train_llm="lora", lora_on="ffn", learning_rate=1e-2)
+    trainer.train()
+    mlp = trainer.loaded.model.layers[2].mlp
+    assert float(mx.abs(mlp.down_lora.lora_b).max()) > 0 and float(mx.abs(mlp.gate_up_lora.lora_b).max()) > 0
+    assert "down_lora" not in trainer.loaded.model.layers[0].mlp  # the shared backbone's layer stays as it was
+    export(trainer, tmp_path / "pred")
+    assert (tmp_path / "pred" / "adapter.safetensors").is_file() and not (tmp_path / "pred-model").exists()
+
+
 def test_init_mask_starts_as_that_static_mask(tiny, tmp_path):
     from ifp_mlx.model.masks import save_mask
     from ifp_mlx.select.base import top_k
@@ -226,6 +262,8 @@ def test_collapse_warning_fires_only_when_masks_stop_depending_on_the_prompt(tin
         ({"learning_rate": 0.0}, "--lr must be > 0"),
         ({"temperature": 0.0}, "--temperature must be > 0"),
         ({"keep": 1.5}, "--keep must be in (0, 1]"),
+        ({"lora_on": "mlp"}, "unknown --lora-on 'mlp': use one of attention, ffn, all"),
+        ({"lora_rank": 0}, "--lora-rank must be > 0"),
     ],
 )
 def test_bad_settings_are_one_line_errors(overrides, message):

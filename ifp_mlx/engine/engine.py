@@ -99,7 +99,7 @@ class Engine:
         with the selector's adapter when pruned; returns whether it was gathered now."""
         ffn, gathered = self.submodel(selection)
         self.loaded.assign(ffn)
-        self.loaded.use_adapter(self.selector.adapter if selection.indices is not None else None)
+        self.loaded.use_adapter(self.selector.adapter if selection.indices is not None else None, selection.indices)
         return gathered
 
     def select(self, tokens: list[int]) -> Selection:

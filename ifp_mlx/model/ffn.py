@@ -20,6 +20,27 @@ def _geglu(gate: mx.array, x: mx.array) -> mx.array:
 
 
 GLU = {"silu": swiglu, "gelu_approx": _geglu}
+# The FFN's LoRA updates, as CompactMLP children: beside gate_up, and beside down_t.
+FFN_ADAPTERS = ("gate_up_lora", "down_lora")
+
+
+class LowRank(nn.Module):
+    """``scale * x @ lora_a @ lora_b``: a LoRA update beside one of the FFN's matmuls.
+
+    The compact FFN has no ``nn.Linear`` for mlx-lm's ``LoRALinear`` to wrap (its
+    weights are gathered channel records, and change with every selection), so
+    the update is its own module. Its factors are laid out by channel like the
+    records (``gate_up``'s ``lora_b`` columns: d_ff gate channels then d_ff up
+    channels; ``down``'s ``lora_a`` rows: one per channel), so a submodel's update
+    is the same slice of them as its weights are of the bank.
+    """
+
+    def __init__(self, lora_a: mx.array, lora_b: mx.array, scale: float):
+        super().__init__()
+        self.lora_a, self.lora_b, self.scale = lora_a, lora_b, scale
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return (self.scale * ((x @ self.lora_a) @ self.lora_b)).astype(x.dtype)
 
 
 def layer_of(field: Union[mx.array, list[mx.array]], i: int) -> mx.array:
@@ -84,6 +105,12 @@ class CompactMLP(nn.Module):
     def width(self) -> int:
         return self.down_t.shape[0]
 
+    @property
+    def hidden_size(self) -> int:
+        """d, also for a quantized layer (whose rows are packed ``bits``-bit words)."""
+        words = self.down_t.shape[-1]
+        return words if self.bits is None else words * 32 // self.bits
+
     def __call__(self, x: mx.array) -> mx.array:
         if self.records is not None:
             return self._call_records(x)
@@ -94,6 +121,8 @@ class CompactMLP(nn.Module):
                 x, self.gate_up, self.gate_up_scales, self.gate_up_biases,
                 transpose=True, group_size=self.group_size, bits=self.bits,
             )
+        if "gate_up_lora" in self:
+            gate_up = gate_up + self.gate_up_lora(x)
         gate, up = mx.split(gate_up, 2, axis=-1)
         hidden = GLU[self.activation](gate, up)
         if self.channel_mask is not None:
@@ -101,11 +130,15 @@ class CompactMLP(nn.Module):
         if self.observer is not None:
             self.observer(self.layer, hidden)
         if self.bits is None:
-            return hidden @ self.down_t
-        return mx.quantized_matmul(
-            hidden, self.down_t, self.down_t_scales, self.down_t_biases,
-            transpose=False, group_size=self.group_size, bits=self.bits,
-        )
+            out = hidden @ self.down_t
+        else:
+            out = mx.quantized_matmul(
+                hidden, self.down_t, self.down_t_scales, self.down_t_biases,
+                transpose=False, group_size=self.group_size, bits=self.bits,
+            )
+        if "down_lora" in self:
+            out = out + self.down_lora(hidden)
+        return out
 
     def _call_records(self, x: mx.array) -> mx.array:
         """One call on a layer built from the bank, then dropped (see assign_records)."""

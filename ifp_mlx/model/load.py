@@ -128,14 +128,13 @@ class LoadedModel:
         for mlp in self.mlps:
             mlp.assign_records(partial(self.dense_layer, mlp.layer))
 
-    def use_adapter(self, adapter: Optional[Adapter]) -> None:
-        """Apply ``adapter`` (None: none), taking off whichever was applied before."""
-        if adapter is self.adapter:
-            return
-        if self.adapter is not None:
+    def use_adapter(self, adapter: Optional[Adapter], indices: Optional[mx.array] = None) -> None:
+        """Apply ``adapter`` (None: none), taking off whichever was applied before;
+        its FFN updates for the channels ``indices`` keep (None: all of them)."""
+        if adapter is not self.adapter and self.adapter is not None:
             self.adapter.disable(self.model)
         if adapter is not None:
-            adapter.enable(self.model)
+            adapter.enable(self.model, indices)
         self.adapter = adapter
 
     def unassign(self) -> None:

@@ -16,9 +16,9 @@ Stages, each a loss over (prompt, response) pairs whose prompt picks the mask:
 The LLM is frozen by default, and with a ``shared:N`` backbone so are the
 features: they are computed once, and a step costs one masked forward and
 backward of the LLM (sft/pretrain) or of the head alone (distill).
-``train_llm="lora"`` adds LoRA adapters (mlx-lm's, see ``lora``) to the
-attention of the layers after the backbone's N (so the features stay fixed),
-merged into a new model folder on export.
+``train_llm="lora"`` adds LoRA adapters (see ``lora``) to the attention
+and/or the FFN (``lora_on``) of the layers after the backbone's N (so the
+features stay fixed), saved beside the predictor on export.
 """
 
 import hashlib
@@ -49,7 +49,7 @@ from ..select.predictor import (
     pad_batch,
     save_predictor,
 )
-from .lora import add_lora, merge_lora
+from .lora import LORA_TARGETS, add_lora, merge_lora
 from .softtopk import topk_mask
 
 STAGES = ("distill", "sft", "pretrain")
@@ -91,17 +91,19 @@ class TrainConfig:
     train_llm: str = "none"  # "none" | "lora"
     freeze_predictor: bool = False  # train the adapters alone, under the predictor's fixed masks
     lora_rank: int = 8
+    lora_on: str = "attention"  # one of LORA_TARGETS
     log_every: int = 25
     checkpoint_every: int = 50
+    checkpoint_minutes: float = 5.0  # ... or after this long, whichever comes first: a slow step is minutes
     seed: int = 0
 
     def check(self) -> None:
         """One-line errors for bad settings, before any model is loaded or target computed."""
-        choices = {"stage": STAGES, "distill_target": DISTILL_TARGETS, "train_llm": ("none", "lora")}
+        choices = {"stage": STAGES, "distill_target": DISTILL_TARGETS, "train_llm": ("none", "lora"), "lora_on": LORA_TARGETS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise IFPError(f"unknown {_flag(name)} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        for name in ("steps", "batch_size", "learning_rate", "temperature", "log_every", "checkpoint_every"):
+        for name in ("steps", "batch_size", "learning_rate", "temperature", "log_every", "checkpoint_every", "checkpoint_minutes", "lora_rank"):
             if not getattr(self, name) > 0:
                 raise IFPError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
         if not 0 < self.keep <= 1:
@@ -273,7 +275,8 @@ class Trainer:
         if config.stage == "distill":
             self.targets = cached_distill_targets(loaded, pairs, self.k, config.distill_target, out, log)
         if config.train_llm == "lora":  # after the shared backbone's layers, so the features stay fixed
-            add_lora(loaded.model, predictor.backbone.layers if predictor.backbone.shared else 0, config.lora_rank)
+            first = predictor.backbone.layers if predictor.backbone.shared else 0
+            add_lora(loaded.model, first, config.lora_rank, config.lora_on)
         self.trainable = Trainable(predictor, loaded.model if config.train_llm == "lora" else None)
         if config.freeze_predictor:  # the masks stay the predictor's: they cannot collapse
             predictor.freeze()
@@ -330,6 +333,7 @@ class Trainer:
         """Run until ``config.steps``; returns the logged history."""
         batches = self.batches()
         tokens_seen, start = 0, time.perf_counter()
+        saved = start
         while self.step < self.config.steps:
             loss, counted = self._step(next(batches))
             tokens_seen += counted
@@ -339,8 +343,10 @@ class Trainer:
                 progress(self.step, self.config.steps, loss.item(), rate)
             if self.step % self.config.log_every == 0 or self.step == self.config.steps:
                 self._log(loss.item(), rate)
-            if self.is_writer and (self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps):
+            due = time.perf_counter() - saved > 60 * self.config.checkpoint_minutes
+            if self.is_writer and (due or self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps):
                 self.save_checkpoint()
+                saved = time.perf_counter()
         return self.history
 
     def _log(self, loss: float, rate: float) -> None:
@@ -450,12 +456,15 @@ def start_predictor(
 
 def export(trainer: Trainer, path: Path, force: bool = False) -> Path:
     """Write the predictor folder; with LoRA, its adapter beside the head (applied
-    only to pruned submodels) and a merged copy of the model beside the folder."""
+    only to pruned submodels) and, for attention-only adapters, a merged copy of
+    the model beside the folder. FFN adapters are not merged: the FFN lives in
+    the bank, and their update is per selection (the slice of the kept channels)."""
     if trainer.config.train_llm != "lora":
         return save_predictor(path, trainer.predictor, trainer.loaded.config, trainer.config.keep, force=force)
     saved = save_predictor(path, trainer.predictor, trainer.loaded.config, trainer.config.keep, force=force, adapted=trainer.loaded.model)
-    merge_lora(trainer.loaded.model)
-    write_merged_model(trainer.loaded, path.parent / f"{path.name}-model", force)
+    if trainer.config.lora_on == "attention":
+        merge_lora(trainer.loaded.model)
+        write_merged_model(trainer.loaded, path.parent / f"{path.name}-model", force)
     return saved
 
 
