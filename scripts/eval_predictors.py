@@ -2,8 +2,10 @@
 
 The same measure as ``ifp eval`` (the prompt picks the mask; the pruned model, with the
 predictor's adapter when it has one, processes prompt and response), for comparing
-predictors before one is shipped. Usage:
-    python scripts/eval_predictors.py MODEL LIMIT FILE... -- PREDICTOR...
+predictors before one is shipped. A name among SELECTORS (``activations``: GRIFFIN)
+instead of a folder is that selector at keep 0.5; ``--no-dense`` leaves the dense row
+out (it is the same for every predictor of a model). Usage:
+    python scripts/eval_predictors.py MODEL LIMIT FILE... [--no-dense] -- PREDICTOR...
 """
 
 import json
@@ -40,17 +42,23 @@ def overlaps(masks: list, d_ff: int) -> tuple[float, float]:
     return round(sum(within) / len(within), 3), round(sum(across) / len(across), 3)
 
 
+SELECTORS = ("activations", "static", "random")
+
+
 def main() -> None:
     split = sys.argv.index("--")
-    model, limit, files = sys.argv[1], int(sys.argv[2]), [Path(f) for f in sys.argv[3:split]]
+    args = [a for a in sys.argv[1:split] if a != "--no-dense"]
+    model, limit, files = args[0], int(args[1]), [Path(f) for f in args[2:]]
     predictors = sys.argv[split + 1 :]
     loaded = load(model, dense=False)
     examples = read_examples(files, limit)
     rows = {}
     start = time.perf_counter()
-    rows["dense"] = evaluate(Engine.for_choice(loaded, choose(loaded)), examples)[0]
+    if "--no-dense" not in sys.argv[1:split]:
+        rows["dense"] = evaluate(Engine.for_choice(loaded, choose(loaded)), examples)[0]
     for path in predictors:
-        engine = Engine.for_choice(loaded, choose(loaded, "predictor", keep=0.5, predictor=Path(path)))
+        choice = choose(loaded, path, keep=0.5) if path in SELECTORS else choose(loaded, "predictor", keep=0.5, predictor=Path(path))
+        engine = Engine.for_choice(loaded, choice)
         nll, masks = evaluate(engine, examples)
         rows[path] = {**nll, "overlap_within_across": overlaps(masks, loaded.d_ff), "adapter": engine.selector.adapter is not None}
     print(json.dumps({"examples": len(examples), "seconds": round(time.perf_counter() - start), "rows": rows}, indent=1))

@@ -13,8 +13,9 @@ for the submodel:
 - pruned:      resident <= 1.15 x (non-FFN weights + bank + submodel + KV)
 - --low-memory: resident <= 1.15 x (non-FFN weights + compact FFN + KV)
 
-With the predictor, its head (float32, as loaded: 23 MB for SmolLM2's) is
-counted among the weights: a mode that selects with it must hold it. Its
+With the predictor, its head (float32, as loaded: 23 MB for SmolLM2's) and its
+adapter (float32, plus the slice of the FFN's updates a submodel uses) are
+counted among the weights: a mode that selects with it must hold them. Its
 shared backbone holds nothing: those layers are the model's own.
 
 Usage: IFP_HOME=tests/.cache/ifp python scripts/measure_memory.py -m tests/.cache/smollm2-f32 -m qwen2.5-coder-0.5b
@@ -104,16 +105,23 @@ def bound(path: Path, config: dict, mode: Mode, context_tokens: int) -> int:
     d_ff = ifp["bank"]["d_ff"]
     compact = bank * resolve_k(d_ff, mode.keep) // d_ff
     kv = kv_bytes(config, context_tokens)
-    head = predictor_head_bytes(config) if mode.args[mode.args.index("--selector") + 1] == "predictor" else 0
+    head = predictor_bytes(config, mode.keep) if mode.args[mode.args.index("--selector") + 1] == "predictor" else 0
     return weights + head + compact + kv + (0 if mode.low_memory else bank)
 
 
-def predictor_head_bytes(config: dict) -> int:
-    """The shipped predictor's head in memory: loaded in float32."""
+def predictor_bytes(config: dict, keep: float) -> int:
+    """The shipped predictor's head and adapter in memory (loaded in float32), with
+    the FFN updates' slice for a submodel of ``keep``."""
     import mlx.core as mx
 
-    weights = mx.load(str(shipped_predictor(config) / "predictor.safetensors"))
-    return sum(w.size * 4 for w in weights.values())
+    from ifp_mlx.model.adapter import ADAPTER_FILE
+
+    by_channel = ("gate_up_lora.lora_b", "down_lora.lora_a")  # the FFN factors a submodel slices
+    folder = shipped_predictor(config)
+    held = sum(w.size * 4 for w in mx.load(str(folder / "predictor.safetensors")).values())
+    if (folder / ADAPTER_FILE).is_file():
+        held += sum(w.size * 4 * (1 + keep * n.endswith(by_channel)) for n, w in mx.load(str(folder / ADAPTER_FILE)).items())
+    return int(held)
 
 
 def mb(n: float) -> str:

