@@ -46,9 +46,13 @@ class Bank:
 
     @property
     def hidden_size(self) -> int:
-        if self.quantized:
-            return self.weight.shape[-1] * 32 // self.bits
-        return self.weight.shape[-1]
+        return row_width(self.weight.shape[-1], self.bits)
+
+
+def row_width(entries: int, bits: Optional[int]) -> int:
+    """d of a record row stored as ``entries`` values: floats, or packed 32-bit
+    words of ``bits``-bit values when quantized."""
+    return entries if bits is None else entries * 32 // bits
 
 
 Layers = Union[mx.array, list[mx.array]]

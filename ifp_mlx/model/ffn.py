@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
 
-from .bank import CompactFFN
+from .bank import CompactFFN, row_width
 
 
 def _geglu(gate: mx.array, x: mx.array) -> mx.array:
@@ -107,20 +107,12 @@ class CompactMLP(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        """d, also for a quantized layer (whose rows are packed ``bits``-bit words)."""
-        words = self.down_t.shape[-1]
-        return words if self.bits is None else words * 32 // self.bits
+        return row_width(self.down_t.shape[-1], self.bits)
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.records is not None:
             return self._call_records(x)
-        if self.bits is None:
-            gate_up = x @ self.gate_up.T
-        else:
-            gate_up = mx.quantized_matmul(
-                x, self.gate_up, self.gate_up_scales, self.gate_up_biases,
-                transpose=True, group_size=self.group_size, bits=self.bits,
-            )
+        gate_up = self._project(x, "gate_up", transpose=True)
         if "gate_up_lora" in self:
             gate_up = gate_up + self.gate_up_lora(x)
         gate, up = mx.split(gate_up, 2, axis=-1)
@@ -129,16 +121,20 @@ class CompactMLP(nn.Module):
             hidden = hidden * self.channel_mask
         if self.observer is not None:
             self.observer(self.layer, hidden)
-        if self.bits is None:
-            out = hidden @ self.down_t
-        else:
-            out = mx.quantized_matmul(
-                hidden, self.down_t, self.down_t_scales, self.down_t_biases,
-                transpose=False, group_size=self.group_size, bits=self.bits,
-            )
+        out = self._project(hidden, "down_t", transpose=False)
         if "down_lora" in self:
             out = out + self.down_lora(hidden)
         return out
+
+    def _project(self, x: mx.array, name: str, transpose: bool) -> mx.array:
+        """``x`` times the ``name`` rows (``gate_up``: transposed), float or quantized."""
+        weight = self[name]
+        if self.bits is None:
+            return x @ (weight.T if transpose else weight)
+        return mx.quantized_matmul(
+            x, weight, self[f"{name}_scales"], self[f"{name}_biases"],
+            transpose=transpose, group_size=self.group_size, bits=self.bits,
+        )
 
     def _call_records(self, x: mx.array) -> mx.array:
         """One call on a layer built from the bank, then dropped (see assign_records)."""
