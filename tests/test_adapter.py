@@ -103,3 +103,25 @@ def test_ffn_adapters_follow_the_submodel_and_come_off_for_dense(trained):
         assert mlp.down_lora.lora_a.shape == (mlp.width, a.shape[1])
     Engine.for_choice(loaded, choose(loaded)).use(Selection(None))
     assert not any("down_lora" in mlp or "gate_up_lora" in mlp for mlp in loaded.mlps)
+
+
+def test_ffn_updates_are_sliced_once_per_selection(trained):
+    """A selection used again (a cached submodel, the next turn) keeps its slices; a
+    different one gets its own, equal to slicing the factors afresh."""
+    model, pred = trained
+    loaded = load(model, dense=False)
+    engine = Engine.for_choice(loaded, choose(loaded, "predictor", keep=0.5, predictor=pred))
+    first = engine.select([3, 5, 7])
+    engine.use(first)
+    if "ffn" not in engine.selector.adapter.targets:  # an attention-only adapter slices nothing
+        assert not any("down_lora" in mlp for mlp in loaded.mlps)
+        return
+    sliced = loaded.mlps[-1].down_lora
+    engine.use(first)
+    assert loaded.mlps[-1].down_lora is sliced
+    other = Selection(mx.array(np.array(first.indices)[:, ::-1].copy()))  # the same channels, in another order
+    engine.use(other)
+    assert loaded.mlps[-1].down_lora is not sliced
+    a, _ = engine.selector.adapter.weights[f"model.layers.{loaded.mlps[-1].layer}.mlp.down_lora"]
+    expected = np.array(a)[np.array(other.indices[loaded.mlps[-1].layer]).astype(np.int64)]
+    np.testing.assert_array_equal(np.array(loaded.mlps[-1].down_lora.lora_a), expected)

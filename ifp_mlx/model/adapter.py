@@ -44,6 +44,7 @@ class Adapter:
     scale: float
     keep: Optional[float] = None  # the keep ratio it was trained for
     _base: Optional[dict[str, nn.Module]] = None  # the unwrapped linears while enabled
+    _ffn_for: Optional[tuple] = None  # (indices,) the FFN updates are sliced for, while enabled
 
     @property
     def rank(self) -> int:
@@ -59,6 +60,8 @@ class Adapter:
         """Wrap each adapted attention linear of ``model`` in a LoRALinear holding
         these weights, and give the FFN the updates of the channels ``indices``
         ``[L, k]`` keep (None: every channel, the masked reference's full width)."""
+        if self._ffn_for is not None and self._ffn_for[0] is indices:
+            return  # enabled for this selection already (a cached submodel, a conversation's next turn)
         modules = dict(model.named_modules())
         if self._base is None:
             self._base, wrapped = {}, []
@@ -78,6 +81,7 @@ class Adapter:
                 mlp = _module(modules, mlp_path)
                 rows = None if indices is None else indices[mlp.layer]
                 setattr(mlp, name, LowRank(*ffn_slice(name, a, b, rows), self.scale))
+        self._ffn_for = (indices,)
 
     def disable(self, model: nn.Module) -> None:
         """Put the original linears back and take the FFN's updates off: the model
@@ -91,7 +95,7 @@ class Adapter:
             mlp_path, _, name = path.rpartition(".")
             if is_ffn_adapter(path) and name in modules[mlp_path]:
                 del modules[mlp_path][name]
-        self._base = None
+        self._base = self._ffn_for = None
 
 
 def is_ffn_adapter(path: str) -> bool:
