@@ -3,9 +3,10 @@
 The same measure as ``ifp eval`` (the prompt picks the mask; the pruned model, with the
 predictor's adapter when it has one, processes prompt and response), for comparing
 predictors before one is shipped. A name among SELECTORS (``activations``: GRIFFIN)
-instead of a folder is that selector at keep 0.5; ``--no-dense`` leaves the dense row
-out (it is the same for every predictor of a model). Usage:
-    python scripts/eval_predictors.py MODEL LIMIT FILE... [--no-dense] -- PREDICTOR...
+instead of a folder is that selector; every row prunes to ``--keep`` (default 0.5);
+``--no-dense`` leaves the dense row out (it is the same for every predictor of a
+model). Usage:
+    python scripts/eval_predictors.py MODEL LIMIT FILE... [--no-dense] [--keep R] -- PREDICTOR...
 """
 
 import json
@@ -48,6 +49,11 @@ SELECTORS = ("activations", "static", "random")
 def main() -> None:
     split = sys.argv.index("--")
     args = [a for a in sys.argv[1:split] if a != "--no-dense"]
+    keep = 0.5
+    if "--keep" in args:
+        at = args.index("--keep")
+        keep = float(args[at + 1])
+        del args[at : at + 2]
     model, limit, files = args[0], int(args[1]), [Path(f) for f in args[2:]]
     predictors = sys.argv[split + 1 :]
     loaded = load(model, dense=False)
@@ -57,11 +63,11 @@ def main() -> None:
     if "--no-dense" not in sys.argv[1:split]:
         rows["dense"] = evaluate(Engine.for_choice(loaded, choose(loaded)), examples)[0]
     for path in predictors:
-        choice = choose(loaded, path, keep=0.5) if path in SELECTORS else choose(loaded, "predictor", keep=0.5, predictor=Path(path))
+        choice = choose(loaded, path, keep=keep) if path in SELECTORS else choose(loaded, "predictor", keep=keep, predictor=Path(path))
         engine = Engine.for_choice(loaded, choice)
         nll, masks = evaluate(engine, examples)
         rows[path] = {**nll, "overlap_within_across": overlaps(masks, loaded.d_ff), "adapter": engine.selector.adapter is not None}
-    print(json.dumps({"examples": len(examples), "seconds": round(time.perf_counter() - start), "rows": rows}, indent=1))
+    print(json.dumps({"keep": keep, "examples": len(examples), "seconds": round(time.perf_counter() - start), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
