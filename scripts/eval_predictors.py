@@ -17,6 +17,7 @@ from pathlib import Path
 
 import ifp_mlx  # noqa: F401  (first: OpenBLAS before mlx.core)
 from ifp_mlx.engine.engine import Engine
+from ifp_mlx.evaluate.grid import EVAL_SUBMODELS
 from ifp_mlx.evaluate.nll import example_tokens, read_examples, response_nll
 from ifp_mlx.model.load import load
 from ifp_mlx.model.masks import mask_overlap
@@ -64,7 +65,7 @@ def main() -> None:
         rows["dense"] = evaluate(Engine.for_choice(loaded, choose(loaded)), examples)[0]
     for path in predictors:
         choice = choose(loaded, path, keep=keep) if path in SELECTORS else choose(loaded, "predictor", keep=keep, predictor=Path(path))
-        engine = Engine.for_choice(loaded, choice)
+        engine = Engine.for_choice(loaded, choice, EVAL_SUBMODELS)
         nll, masks = evaluate(engine, examples)
         rows[path] = {**nll, "overlap_within_across": overlaps(masks, loaded.d_ff), "adapter": engine.selector.adapter is not None}
     print(json.dumps({"keep": keep, "examples": len(examples), "seconds": round(time.perf_counter() - start), "rows": rows}, indent=1))

@@ -214,3 +214,17 @@ def test_bad_options_fail_in_one_line_before_loading(tmp_path):
     assert "--keep" in one_line_error(ifp_eval("--tasks", "math", "--keep", "0.5,1.5", "--model", missing))
     assert "unknown selector" in one_line_error(ifp_eval("--tasks", "math", "--selectors", "dense,best", "--model", missing))
     assert "--limit" in one_line_error(ifp_eval("--tasks", "math", "--limit", "humaneval=3", "--model", missing))
+
+
+def test_an_evaluation_engine_holds_one_submodel_whatever_the_items(tiny):
+    """The fit check budgets the bank and one submodel; an eval cell's items never reuse one."""
+    from ifp_mlx.evaluate.grid import SelectorOptions, make_engine
+
+    engine = make_engine(tiny, "activations", 0.5, SelectorOptions())
+    kept = set()
+    for prompt in ([256, 3, 4, 5], [256, 90, 91, 92, 93, 94], [256, 200, 7, 7, 7]):
+        selection = engine.select(prompt)
+        engine.use(selection)
+        kept.add(selection.key)
+        assert len(engine.submodels) == 1 and selection.key in engine.submodels
+    assert len(kept) == 3 and engine.gathers == 3

@@ -50,8 +50,8 @@ class Engine:
             mx.set_cache_limit(1 << 30)
 
     @classmethod
-    def for_choice(cls, loaded: LoadedModel, choice: Choice) -> "Engine":
-        return cls(loaded, choice.selector, choice.k, choice.requested_k)
+    def for_choice(cls, loaded: LoadedModel, choice: Choice, cache_size: int = 4) -> "Engine":
+        return cls(loaded, choice.selector, choice.k, choice.requested_k, cache_size)
 
     @classmethod
     def create(cls, loaded: LoadedModel, selector: Selector, keep: Optional[float] = None, k: Optional[int] = None) -> "Engine":

@@ -51,10 +51,16 @@ def make_task(name: str, options: TaskOptions):
     raise IFPError(f"unknown task {name!r}: choose from {', '.join(TASKS)} (jsonl files go as arguments, harness tasks with --lm-eval)")
 
 
+# Every item is a new prompt, so a cached submodel is never used again; holding the
+# engine's usual few would multiply the memory the run's fit check budgets (bank plus
+# one submodel): at keep 0.5 four of Qwen2.5-Coder-1.5B's are 9 GB in float32.
+EVAL_SUBMODELS = 1
+
+
 def make_engine(loaded: LoadedModel, selector: str, keep: float, options: SelectorOptions) -> Engine:
     """The engine of one cell: dense keeps every channel; the others keep ``keep`` of them."""
     if selector == "oracle":
-        return Engine.for_choice(loaded, sized(OracleSelector(loaded), loaded.d_ff, keep))
+        return Engine.for_choice(loaded, sized(OracleSelector(loaded), loaded.d_ff, keep), EVAL_SUBMODELS)
     if selector not in SELECTORS:
         raise IFPError(f"unknown selector {selector!r}: choose from {', '.join(EVAL_SELECTORS)}")
     choice = choose(
@@ -62,7 +68,7 @@ def make_engine(loaded: LoadedModel, selector: str, keep: float, options: Select
         mask=options.mask if selector == "static" else None,
         predictor=options.predictor if selector == "predictor" else None, seed=options.seed,
     )
-    return Engine.for_choice(loaded, choice)
+    return Engine.for_choice(loaded, choice, EVAL_SUBMODELS)
 
 
 def run_grid(
