@@ -31,10 +31,13 @@ from ..select.choose import Choice, sized
 from .stats import GenerationConfig, GenerationStats, SubmodelInfo
 
 
+CACHED_SUBMODELS = 4  # gathered submodels an engine keeps by default (LRU)
+
+
 class Engine:
     def __init__(
         self, loaded: LoadedModel, selector: Optional[Selector] = None, k: Optional[int] = None,
-        requested_k: Optional[int] = None, cache_size: int = 4,
+        requested_k: Optional[int] = None, cache_size: int = CACHED_SUBMODELS,
     ):
         self.loaded = loaded
         self.selector = selector or DenseSelector()
@@ -50,7 +53,7 @@ class Engine:
             mx.set_cache_limit(1 << 30)
 
     @classmethod
-    def for_choice(cls, loaded: LoadedModel, choice: Choice, cache_size: int = 4) -> "Engine":
+    def for_choice(cls, loaded: LoadedModel, choice: Choice, cache_size: int = CACHED_SUBMODELS) -> "Engine":
         return cls(loaded, choice.selector, choice.k, choice.requested_k, cache_size)
 
     @classmethod

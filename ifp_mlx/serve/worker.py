@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..engine.conversation import ConversationCache, reply
-from ..engine.engine import Engine
+from ..engine.engine import CACHED_SUBMODELS, Engine
 from ..engine.prompts import chat_tokens, check_context, prompt_tokens
 from ..engine.stats import GenerationConfig, GenerationStats
 from ..errors import IFPError
@@ -42,7 +42,7 @@ class Settings:
     max_tokens: int = 512  # a reply's length when the request names none
     conversations: int = 8  # conversations whose KV is kept
     cache_bytes: int = 1 << 30  # ... and the most bytes of KV they may hold together
-    submodels: int = 4  # gathered submodels each engine keeps
+    submodels: int = CACHED_SUBMODELS  # gathered submodels each engine keeps
     queue: int = 32  # requests that may wait or run at once; beyond it, 503
     mask: Optional[Path] = None  # the static selector's mask file (--mask)
     predictor: Optional[Path] = None  # the predictor selector's folder (--predictor)
