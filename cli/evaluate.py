@@ -151,7 +151,7 @@ def evaluate_command(
         from ..evaluate.sandbox import sandbox_report
 
         results.extra["sandbox"] = sandbox_report()
-        log(f"code sandbox: network {results.extra['sandbox']['network']}; files {results.extra['sandbox']['files']}")
+        log(f"code sandbox: kernel layers {', '.join(results.extra['sandbox']['kernel_layers'])}")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     try:
         with Progress(*columns, console=err) as progress:

@@ -5,8 +5,9 @@ the same records as ``code.eval.jsonl``). The prompt asks to complete the
 stub; a chat model answers with a fenced block holding the whole function.
 The program run is the stub (its imports and helpers), the reply's code (a
 whole function redefines the stub's, a bare body continues it), the
-problem's ``check`` and its call. With greedy decoding, one sample per problem
-is pass@1 exactly. The program runs in ``sandbox.run_python``, never here.
+problem's ``check`` and its call, the last two compiled and run after the
+program; the run passes only when they complete. With greedy decoding, one
+sample per problem is pass@1 exactly. The program runs in ``sandbox.run_python``, never here.
 """
 
 import re
@@ -33,12 +34,21 @@ def extract_code(reply: str, entry_point: str) -> str:
     return blocks[0] if blocks else reply
 
 
-def program(stub: str, code: str, test: str, entry_point: str) -> str:
-    """The file the sandbox runs: stub, completion, the tests, and the call of ``check``."""
+def completion(stub: str, code: str) -> str:
+    """The program part: the stub, continued by a bare body or followed by a whole function."""
     first = next((line for line in code.splitlines() if line.strip()), "")
     body_only = first[:1].isspace()  # an indented first line continues the stub's function
-    completion = stub + code if body_only else stub + "\n" + code
-    return f"{completion}\n\n{test}\n\ncheck({entry_point})\n"
+    return stub + code if body_only else stub + "\n" + code
+
+
+def tests(test: str, entry_point: str) -> str:
+    """The test part: the problem's ``check`` and its call on the entry point."""
+    return f"{test}\n\ncheck({entry_point})\n"
+
+
+def program(stub: str, code: str, test: str, entry_point: str) -> str:
+    """The whole file (program, then tests), for reading; the sandbox runs the two parts separately."""
+    return f"{completion(stub, code)}\n\n{tests(test, entry_point)}"
 
 
 def code_block_closed(text: str) -> bool:
@@ -47,9 +57,13 @@ def code_block_closed(text: str) -> bool:
 
 
 def check_completion(problem: dict, reply: str, limits: Limits = Limits()) -> dict:
-    """Run a reply to a problem (a ``humaneval_records()`` meta) against its tests in the sandbox."""
+    """Run a reply to a problem (a ``humaneval_records()`` meta) against its tests in the sandbox.
+
+    The tests are compiled and run after the program, on their own: a reply
+    cannot swallow them (an unclosed string) or skip them (an exit) and pass.
+    """
     code = extract_code(reply, problem["entry_point"])
-    result = run_python(program(problem["stub"], code, problem["test"], problem["entry_point"]), limits)
+    result = run_python(completion(problem["stub"], code), limits, tests(problem["test"], problem["entry_point"]))
     return {"passed": result.passed, "status": result.status, "reason": result.reason[:300], "run_seconds": round(result.seconds, 3)}
 
 

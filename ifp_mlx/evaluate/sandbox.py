@@ -1,28 +1,30 @@
-"""Run untrusted Python (a model's code) in a separate, limited process.
+"""Run untrusted Python (a model's code) in a separate, isolated process.
 
 Generated code never runs in the ifp process. Each program gets a child
-``python -I -B`` (no site-user paths, no bytecode written) that starts in a
-private temporary folder with an empty environment, under resource limits, and
-is killed at a wall-clock deadline. What the OS adds:
+``python -I -B`` in a private temporary folder with an empty environment,
+under layers that each hold on their own, outermost first:
 
-- Linux: a new network namespace (``unshare -rn``, where user namespaces are
-  permitted): the child has no network interface but a down loopback; Landlock
-  (kernel 5.13+) lets it write only inside its folder and, from ABI 4, refuses
-  TCP connect/bind even without the namespace;
-- macOS: ``sandbox-exec`` with a profile denying all network and every file
-  write outside the folder (RLIMIT_AS is not enforced by macOS, so memory is
-  bounded only by the CPU limit and the deadline there);
-- everywhere: an audit hook in the child refusing writes outside the folder,
-  new processes, sockets and ctypes (``sandbox_runner.py``).
+1. a uid of no one's, and namespaces (bubblewrap), or ``sandbox-exec`` on
+   macOS (``sandbox_layers.py``);
+2. a seccomp filter refusing sockets, new processes, exec, tracing, mounts and
+   xattr writes (``seccomp_filter.py``);
+3. rlimits and Landlock, then an audit hook whose settings the program cannot
+   reach (``sandbox_runner.py``).
 
-``sandbox_report()`` says which of these took effect on this machine; the
-evaluation records it beside its results.
+The child is killed at a wall-clock deadline. A run passes only when the
+program and its tests ran to their end: the runner then writes a random nonce
+to a pipe only the parent reads; exit status 0 without it (``os._exit(0)``)
+is an early exit, and a failure.
+
+``sandbox_report()`` says which layers took effect on this machine; the
+evaluation records it beside its results and refuses to score where no kernel
+layer did.
 """
 
 import functools
 import json
 import os
-import shutil
+import secrets
 import signal
 import subprocess
 import sys
@@ -33,22 +35,19 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import IFPError
+from .sandbox_layers import INSIDE_ID, Plan, detect
+from .seccomp_filter import compile_filter, denied
 
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
 TAIL_BYTES = 2000  # of stdout/stderr kept in a result
-MACOS_PROFILE = """(version 1)
-(allow default)
-(deny network*)
-(deny file-write*)
-(allow file-write* (subpath "{folder}") (literal "/dev/null"))
-"""
+NONCE_BYTES = 16
+KERNEL_LAYERS = ("uid", "namespaces", "seccomp", "landlock", "sandbox-exec")
 
 
 @dataclass(frozen=True)
 class Limits:
     """What one program may use. ``processes`` 0: no new processes or threads
-    (the kernel does not apply RLIMIT_NPROC to root; the audit hook still
-    refuses fork, exec and spawn)."""
+    (refused by the seccomp filter, RLIMIT_NPROC and the audit hook)."""
 
     seconds: float = 10.0  # wall clock
     cpu: int = 10  # CPU seconds (RLIMIT_CPU)
@@ -59,7 +58,7 @@ class Limits:
 
 @dataclass
 class RunResult:
-    status: str  # "passed" (exit 0), "failed" (other exit), "timeout", "killed" (by a signal)
+    status: str  # "passed" (ran to its end), "failed", "timeout", "killed" (by a signal)
     returncode: Optional[int]
     seconds: float
     stdout: str
@@ -79,37 +78,71 @@ class RunResult:
                 return f"killed by {signal.Signals(-self.returncode).name}"  # SIGXCPU: its CPU limit
             except ValueError:
                 return f"killed by signal {-self.returncode}"
+        if self.status == "failed" and self.returncode == 0:  # os._exit(0), or the marker's pipe closed
+            return "exited before its tests completed (exit status 0)"
         lines = [line for line in self.stderr.splitlines() if line.strip()]
         return lines[-1].strip() if lines else ("" if self.passed else f"exit status {self.returncode}")
 
 
-def run_python(source: str, limits: Limits = Limits()) -> RunResult:
-    """Run ``source`` as ``program.py`` in a fresh sandbox and wait for it (or the deadline)."""
-    return _run(source, limits, probe=False)
+def run_python(source: str, limits: Limits = Limits(), tests: Optional[str] = None) -> RunResult:
+    """Run ``source`` as ``program.py`` in a fresh sandbox, then ``tests`` (compiled on their own) in
+    its namespace, and wait for it (or the deadline). It passes only if both ran to their end."""
+    pieces = [("program.py", source)] + ([("tests.py", tests)] if tests is not None else [])
+    return _run(pieces, limits, detect())
 
 
-def _run(source: str, limits: Limits, probe: bool) -> RunResult:
+def _run(pieces: list, limits: Limits, plan: Plan, probe: bool = False) -> RunResult:
+    nonce = secrets.token_hex(NONCE_BYTES)
+    seccomp = compile_filter(limits.processes > 0) if plan.seccomp else None
+    job = {"limits": asdict(limits), "probe": probe, "nonce": nonce, "pieces": pieces, "landlock": plan.landlock,
+           "seccomp": seccomp.hex() if seccomp else None}
     with tempfile.TemporaryDirectory(prefix="ifp-sandbox-") as private:
         # The child's folder is work/; its stdout and stderr are files beside it, out of its reach.
         work = Path(private) / "work"
         work.mkdir(mode=0o700)
-        (work / "program.py").write_text(source, encoding="utf-8")
-        settings = {"memory": limits.memory, "cpu": limits.cpu, "processes": limits.processes,
-                    "file_size": limits.file_size, "probe": probe}
-        command = [*_isolation_prefix(work), sys.executable, "-I", "-B", "-c", RUNNER.read_text(), json.dumps(settings)]
-        with open(Path(private) / "stdout", "w+b") as out, open(Path(private) / "stderr", "w+b") as err:
-            start = time.perf_counter()
-            child = subprocess.Popen(command, cwd=work, env={}, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                     start_new_session=True)
+        (work / "program.py").write_text(pieces[0][1] if pieces else "", encoding="utf-8")  # for tracebacks
+        plan.prepare(Path(private), work)
+        with tempfile.TemporaryFile() as job_file, open(Path(private) / "stdout", "w+b") as out, \
+                open(Path(private) / "stderr", "w+b") as err:
+            job_file.write(json.dumps(job).encode())
+            job_file.seek(0)
+            done_read, done_write = os.pipe()
             try:
-                returncode = child.wait(timeout=limits.seconds)
-                status = "passed" if returncode == 0 else "killed" if returncode < 0 else "failed"
-            except subprocess.TimeoutExpired:
-                _kill_group(child)
-                returncode, status = None, "timeout"
-            seconds = time.perf_counter() - start
-            _kill_group(child)  # anything it left running in its session
+                returncode, seconds = _wait(plan, work, limits, job_file.fileno(), done_write, out, err)
+                os.close(done_write)
+                done_write = -1
+                completed = _read_marker(done_read) == nonce.encode()
+            finally:
+                os.close(done_read)
+                if done_write >= 0:
+                    os.close(done_write)
+            status = ("timeout" if returncode is None else "killed" if returncode < 0 else
+                      "passed" if returncode == 0 and completed else "failed")
             return RunResult(status, returncode, seconds, _tail(out), _tail(err))
+
+
+def _wait(plan: Plan, work: Path, limits: Limits, job: int, done: int, out, err) -> tuple[Optional[int], float]:
+    """Start the child, wait for it or the deadline, and leave nothing of it running: (exit status, seconds)."""
+    argv = [plan.interpreter, "-I", "-B", "-c", RUNNER.read_text(), str(job), str(done)]
+    start = time.perf_counter()
+    child = subprocess.Popen(plan.command(work, argv), cwd=work, env={}, stdin=subprocess.DEVNULL, stdout=out,
+                             stderr=err, start_new_session=True, pass_fds=(job, done), **plan.popen_options())
+    try:
+        returncode = plan.exit_status(child.wait(timeout=limits.seconds))
+    except subprocess.TimeoutExpired:
+        returncode = None
+    seconds = time.perf_counter() - start
+    _kill_group(child)  # anything it left running in its session (bwrap's PID namespace ends the rest)
+    return returncode, seconds
+
+
+def _read_marker(fd: int) -> bytes:
+    """What the runner wrote to the marker pipe, without waiting: the child is gone."""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 2 * NONCE_BYTES + 1)
+    except BlockingIOError:  # a descendant still holds the pipe, and nothing was written
+        return b""
 
 
 def _kill_group(child: subprocess.Popen) -> None:
@@ -126,45 +159,52 @@ def _tail(f) -> str:
     return f.read().decode("utf-8", errors="replace")
 
 
-def _isolation_prefix(work: Path) -> list[str]:
-    """The command that puts the child in the OS's sandbox, if this OS has one we can use."""
-    if sys.platform.startswith("linux") and network_namespace():
-        return [shutil.which("unshare"), "-rn", "--"]
-    if sys.platform == "darwin" and shutil.which("sandbox-exec"):
-        return ["sandbox-exec", "-p", MACOS_PROFILE.format(folder=os.path.realpath(work))]
-    return []
-
-
-@functools.lru_cache(maxsize=None)
-def network_namespace() -> bool:
-    """Whether ``unshare -rn`` works here (user namespaces may be disabled, or a container may forbid them)."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        return False
-    try:
-        return subprocess.run([unshare, "-rn", "true"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 @functools.lru_cache(maxsize=None)
 def sandbox_report() -> dict:
-    """What isolates generated code on this machine, checked by starting one sandbox.
+    """Which layers isolate generated code on this machine (see ``report``)."""
+    return report(detect())
 
-    Raises IFPError when the sandbox cannot start a trivial program: every
-    HumanEval problem would then fail, and a score of 0 would be a lie.
+
+def report(plan: Plan) -> dict:
+    """Which of ``plan``'s layers took effect, checked by starting one sandbox.
+
+    Raises IFPError when the sandbox cannot start a trivial program (every
+    HumanEval problem would then fail, and a score of 0 would be a lie), or
+    when no kernel layer took effect (the audit hook alone can be switched off
+    by a program that sets out to).
     """
-    probe = _run("", Limits(), probe=True)
+    probe = _run([], Limits(), plan, probe=True)
     if not probe.passed:
         raise IFPError(f"the code sandbox does not start here ({probe.reason}): HumanEval cannot be scored")
     child = json.loads(probe.stdout.strip().splitlines()[-1])
-    if sys.platform.startswith("linux"):
-        network = "network namespace (unshare -rn)" if network_namespace() else (
-            "Landlock: no TCP connect/bind" if child["landlock"] >= 4 else "none")
-        files = f"Landlock ABI {child['landlock']}: writes only in its folder" if child["landlock"] else "audit hook only"
-    elif sys.platform == "darwin" and shutil.which("sandbox-exec"):
-        network, files = "sandbox-exec: denied", "sandbox-exec: writes only in its folder"
-    else:
-        network, files = "none", "audit hook only"
-    return {"platform": sys.platform, "network": network, "files": files, "rlimits": child["rlimits"],
-            "limits": asdict(Limits()), "environment": "empty", "folder": "private temporary"}
+    layers = describe(plan, child)
+    kernel = [name for name in KERNEL_LAYERS if name in layers and not layers[name].startswith("none")]
+    if not kernel:
+        raise IFPError("no kernel layer of the code sandbox took effect here (no bwrap, seccomp or Landlock; see "
+                       "docs/SECURITY.md): HumanEval is not scored behind the audit hook alone")
+    return {"platform": sys.platform, "kernel_layers": kernel, "layers": layers,
+            "interpreter": f"{plan.interpreter} (Python {child['python']})", "limits": asdict(Limits()),
+            "environment": "empty", "folder": "private temporary"}
+
+
+def describe(plan: Plan, child: dict) -> dict:
+    """One line per layer saying what it does here, or "none: why"."""
+    hook = "first layer: no writes outside, processes, sockets or ctypes; settings out of reach"
+    if sys.platform == "darwin":
+        return {"sandbox-exec": "no network, writes only in its folder" if plan.seatbelt else "none: not found",
+                "rlimits": ", ".join(child["rlimits"]), "audit hook": hook}
+    layers = {}
+    layers["uid"] = (f"{plan.uid} outside (no user's), {INSIDE_ID} inside, no groups" if plan.uid is not None else
+                     f"none: runs as ifp's uid {child['uid']}" + ("" if os.geteuid() == 0 else " (ifp is not root)"))
+    layers["namespaces"] = (
+        "bubblewrap: own user, mount, PID, network, IPC, UTS namespaces; root read-only; private /tmp, /run, /dev"
+        if plan.bwrap else "network namespace only (unshare -rn; no bwrap)" if plan.unshare else
+        "none: neither bwrap nor unshare starts here")
+    layers["seccomp"] = (f"libseccomp filter: {len(denied(False))} system calls refused" if child["seccomp"] else
+                         "none: libseccomp or pyseccomp missing" if plan.seccomp else "none: not asked for")
+    layers["landlock"] = (f"ABI {child['landlock']}: writes only in its folder, no TCP, no signals out"
+                          if child["landlock"] else "none: this kernel has no Landlock" if plan.landlock else
+                          "none: not asked for")
+    layers["rlimits"] = ", ".join(child["rlimits"])
+    layers["audit hook"] = hook
+    return layers
