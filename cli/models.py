@@ -52,14 +52,18 @@ def list_models(
 
 
 def cached_row(path: Path) -> tuple[str, ...]:
-    """One cached model's line: what its converter recorded in config.json, and its size on disk."""
-    import json
+    """One cached model's line: what its converter recorded in config.json, and its size on disk.
+    A damaged config lists as ``?`` (the load says why) so the other models still list."""
+    from ..errors import IFPError
+    from ..model.load import read_config
 
-    config = json.loads((path / "config.json").read_text())
-    ifp = config.get("ifp", {})
-    quant = ifp.get("quantization")
-    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    size = f"{sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6:.0f} MB"
+    try:
+        ifp = read_config(path)["ifp"]
+    except IFPError:
+        return (path.name, "?", "?", "?", size, f"{path} (config.json refused)")
+    quant = ifp["quantization"]
     return (
-        path.name, ifp.get("dtype", "?"), f"{quant['bits']}-bit g{quant['group_size']}" if quant else "-",
-        f"{ifp.get('parameters', 0) / 1e6:.0f}M", f"{size / 1e6:.0f} MB", str(path),
+        path.name, ifp["dtype"], f"{quant['bits']}-bit g{quant['group_size']}" if quant else "-",
+        f"{ifp.get('parameters', 0) / 1e6:.0f}M", size, str(path),
     )

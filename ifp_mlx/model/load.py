@@ -6,14 +6,15 @@ a tensor only when it is evaluated), and the dense weights, or a gathered
 submodel, are assigned to the CompactMLPs afterwards.
 """
 
-import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
+from huggingface_hub.errors import StrictDataclassError
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_tokenizer
 
@@ -21,7 +22,8 @@ from ..errors import IFPError
 from .bank import Bank, CompactFFN, dense_ffn
 from .adapter import Adapter
 from .bank_file import BankFile
-from .families import UnsupportedFamily, family_for
+from .config_check import ConfigError, check_against_weights, check_config, error_line, parse_config
+from .families import family_for
 from .ffn import CompactMLP
 
 
@@ -156,12 +158,15 @@ def stack_layers(layers: list[CompactFFN]) -> CompactFFN:
 
 
 def read_config(path: Path) -> dict:
+    """The folder's config.json, every field checked (see config_check): a tampered
+    or hand-edited config is one line naming the field, never a traceback."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise IFPError(f"{path} is not a model folder (no config.json)")
-    config = json.loads(config_file.read_text())
+    config = parse_config(config_file)
     if "ifp" not in config:
         raise IFPError(f"{path} is not an ifp model folder: convert it first with `ifp convert`")
+    check_config(config, config_file)
     return config
 
 
@@ -170,12 +175,9 @@ def load(path: str | Path, dense: bool = True, low_memory: bool = False) -> Load
     with ``low_memory`` the FFN bank stays on disk (see :class:`LoadedModel`)."""
     path = Path(path)
     config = read_config(path)
-    try:
-        family = family_for(config)
-    except UnsupportedFamily as e:
-        raise IFPError(f"{path}: {e}")
-    model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))
+    check_against_weights(config, path)
+    family = family_for(config)
+    model = _build(config, path)
     mlps = [CompactMLP(family.activation, i) for i in range(len(model.layers))]
     for layer, mlp in zip(model.layers, mlps):
         layer.mlp = mlp
@@ -187,7 +189,7 @@ def load(path: str | Path, dense: bool = True, low_memory: bool = False) -> Load
             class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
         )
     _load_weights(model, weights, path)
-    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    tokenizer = _load_tokenizer(path, config)
     loaded = LoadedModel(path, config, model, tokenizer, mlps, low_memory=low_memory)
     # The non-FFN weights first: building the dense FFN while they are still lazy
     # keeps the whole bank alive beside its dense copy (857 MB live for SmolLM2's
@@ -198,12 +200,39 @@ def load(path: str | Path, dense: bool = True, low_memory: bool = False) -> Load
     return loaded
 
 
-def _load_weights(model: nn.Module, weights: dict, path: Path) -> None:
-    """load_weights(strict=False), then check nothing but the MLPs is missing."""
-    model.load_weights(list(weights.items()), strict=False)
-    from mlx.utils import tree_flatten
+def _build(config: dict, path: Path) -> nn.Module:
+    """mlx-lm's model for a checked config. The checks cover every field the
+    families read; a combination they miss still fails here as one line."""
+    try:
+        model_class, args_class = _get_classes(config)
+        return model_class(args_class.from_dict(config))
+    except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, OverflowError) as e:
+        raise ConfigError(f"{path}: config.json does not build a {config['model_type']} model: {error_line(e)}") from None
 
-    expected = {k for k, _ in tree_flatten(model.parameters()) if ".mlp." not in k}
-    missing = sorted(expected - set(weights))
+
+def _load_tokenizer(path: Path, config: dict) -> TokenizerWrapper:
+    """mlx-lm's tokenizer. transformers reads config.json again, with checks of its
+    own for fields ifp never uses (``architectures``, ``hidden_act``, the exact type
+    of each number); what it refuses is one line."""
+    try:
+        return load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError, StrictDataclassError) as e:
+        raise ConfigError(f"{path}: transformers does not load this folder's tokenizer or config: {error_line(e)}") from None
+
+
+def _load_weights(model: nn.Module, weights: dict, path: Path) -> None:
+    """Every tensor but the MLPs' present with the shape the config builds (load_weights
+    with strict=False checks no shapes), then load_weights."""
+    expected = {k: v.shape for k, v in tree_flatten(model.parameters()) if ".mlp." not in k}
+    missing = sorted(set(expected) - set(weights))
     if missing:
         raise IFPError(f"{path}: weights missing from {path.name}: {', '.join(missing[:3])}")
+    extra = sorted(k for k in set(weights) - set(expected) if ".mlp." not in k)
+    if extra:
+        raise ConfigError(f"{path}: config.json builds no {extra[0]}, which the weights file has")
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != tuple(shape):
+            raise ConfigError(
+                f"{path}: config.json makes {name} {tuple(shape)}, the weights file has {tuple(weights[name].shape)}"
+            )
+    model.load_weights(list(weights.items()), strict=False)
