@@ -6,13 +6,8 @@ asks for a few tokens, since the CPU generates about 10-20 a second.
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import openai
@@ -26,53 +21,19 @@ from ifp_mlx.model.masks import save_mask
 from ifp_mlx.select.base import top_k
 from ifp_mlx.serve.protocol import APIError, Limits, parse_chat
 from ifp_mlx.serve.stops import StopWatch
-from ifp_mlx.serve.worker import Settings, Worker
+from ifp_mlx.serve.responses import error_response
+from ifp_mlx.serve.worker import RETRY_AFTER, Settings, Worker
+from serving import assert_error, get, post, raw, running_server
 
-IFP = [sys.executable, "-m", "ifp_mlx.cli.main"]
 MAX_BODY_KB = 64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
 
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir, tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "stderr.txt"
-    args = ["serve", "-m", str(smollm2_dir), "--port", str(port), "--keep", "0.5", "--log-level", "warning", "--max-body-kb", str(MAX_BODY_KB),
-            "--predictor", str(SHIPPED)]
-    with open(log, "w") as stderr:
-        process = subprocess.Popen([*IFP, *args], env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=stderr)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"ifp serve exited with {process.returncode}: {log.read_text()}")
-        try:
-            if get(f"{base}/health")["status"] == "ok":
-                break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("ifp serve did not answer /health within 180 s")
-        time.sleep(0.5)
-    yield base, port
-    process.terminate()
-    try:
-        assert process.wait(30) in (0, -15), log.read_text()  # uvicorn shuts down, then re-raises SIGTERM
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert "Traceback" not in log.read_text(), log.read_text()
+    args = ["-m", str(smollm2_dir), "--keep", "0.5", "--log-level", "warning", "--max-body-kb", str(MAX_BODY_KB), "--predictor", str(SHIPPED)]
+    with running_server(args, log) as (base, port):
+        yield base, port
 
 
 @pytest.fixture(scope="module")
@@ -87,32 +48,6 @@ def model(client) -> str:
 
 def ask(client, model, content, **options):
     return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], **options)
-
-
-def raw(port: int, head: str, body: bytes = b"") -> tuple[int, dict]:
-    """Send ``head`` and ``body`` as they are, read the status and JSON answer (the server may close early)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(head.encode() + body)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-            if b"\r\n\r\n" in data:
-                headers, _, rest = data.partition(b"\r\n\r\n")
-                length = int(next((line.split(b":")[1] for line in headers.split(b"\r\n") if line.lower().startswith(b"content-length")), b"0"))
-                if len(rest) >= length:
-                    return int(headers.split()[1]), json.loads(rest[:length])
-    raise AssertionError(f"no whole response: {data!r}")
-
-
-def post(port: int, path: str, body: bytes) -> tuple[int, dict]:
-    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    return raw(port, head, body)
-
-
-def assert_error(status: int, body: dict, expected: int, param=None) -> None:
-    assert status == expected, body
-    error = body["error"]
-    assert isinstance(error["message"], str) and error["message"] and "type" in error and error["param"] == param
 
 
 def test_models_and_health(server, client, model):
@@ -224,17 +159,17 @@ def test_bad_requests_get_json_errors_and_the_server_keeps_serving(server, clien
     assert e.value.status_code == 404 and e.value.body["param"] == "model"
     with pytest.raises(openai.BadRequestError):
         ask(client, model, "hi", max_tokens=2, extra_body={"keep": 2})
-    assert_error(*raw(port, "GET /v1/nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"), 404)
-    assert_error(*raw(port, "GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"), 405)
+    assert_error(*raw(port, "GET /v1/nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"), 404)
+    assert_error(*raw(port, "GET /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"), 405)
     assert ask(client, model, "Still there?", max_tokens=2).choices[0].message.content is not None
 
 
 def test_a_body_over_the_limit_is_refused_before_it_is_read(server, client, model):
     port, limit = server[1], MAX_BODY_KB << 10
-    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {limit + 1}\r\n\r\n"
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {limit + 1}\r\n\r\n"
     assert_error(*raw(port, head, b'{"messages": '), 413)  # refused on the header: the rest is never sent
     chunk = b'"' + b"x" * 8190 + b'"'
-    chunked = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunked = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
     body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(limit // len(chunk) + 1))  # no final chunk
     assert_error(*raw(port, chunked, body), 413)
     assert ask(client, model, "Still there?", max_tokens=2).choices[0].message.content is not None
@@ -287,6 +222,7 @@ def test_a_full_queue_answers_503(tmp_path):
         with pytest.raises(APIError) as e:
             worker.submit(ask_, loop)
         assert e.value.status == 503 and worker.waiting == 1
+        assert error_response(e.value).headers["retry-after"] == e.value.headers["Retry-After"] == RETRY_AFTER
     finally:
         loop.close()
 

@@ -8,30 +8,39 @@ client that disconnects, while waiting or mid-stream, cancels its job.
 
 import asyncio
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from .access import Access, add_access_checks
+from .connections import ConnectionGuard
 from .protocol import APIError, Ask, Limits, parse_chat, parse_completion, parse_json
-from .responses import DONE, Shape, event, model_body, models_body
+from .responses import DONE, Shape, error_response, event, model_body, models_body
 from .worker import ClientGone, Failed, Finished, Job, Piece, Worker
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def create_app(worker: Worker, max_body: int) -> FastAPI:
-    """The server's routes over a started ``worker``; ``max_body``: the most bytes a request body may have."""
+def create_app(worker: Worker, max_body: int, access: Access = Access(), guard: Optional[ConnectionGuard] = None) -> FastAPI:
+    """The server's routes over a started ``worker``, behind ``access``'s checks.
+
+    ``max_body``: the most bytes a request body may have; ``guard``: the
+    connections' bounds, whose counts /health shows.
+    """
     limits: Limits = worker.settings.limits
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         worker.stop()
+        if guard is not None:
+            guard.flush()  # the counts not yet logged (uvicorn re-raises SIGTERM after this: no later chance)
 
     app = FastAPI(title="ifp-mlx", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    add_access_checks(app, access)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -49,10 +58,13 @@ def create_app(worker: Worker, max_body: int) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         counters = worker.counters
-        return {
+        health = {
             "status": "ok", "model": limits.model_id, "waiting": worker.waiting,
             "served": counters.served, "cancelled": counters.cancelled, "failed": counters.failed,
         }
+        if guard is not None:
+            health["connections"] = guard.counts()
+        return health
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -73,6 +85,7 @@ def create_app(worker: Worker, max_body: int) -> FastAPI:
         return await answer(request, "text", parse_completion)
 
     async def answer(request: Request, kind: str, parse: Callable[[dict, Limits], Ask]):
+        check_json(request)
         try:
             ask = parse(parse_json(await read_body(request, max_body)), limits)
         except ClientDisconnect:
@@ -95,13 +108,19 @@ def create_app(worker: Worker, max_body: int) -> FastAPI:
     return app
 
 
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
-
-
 def gone() -> Response:
     """The answer to a client that already disconnected (nobody reads it; the access log shows 499)."""
     return Response(status_code=499)
+
+
+def check_json(request: Request) -> None:
+    """415 unless the body is declared JSON: a cross-site form may post text/plain without asking first."""
+    given = request.headers.get("content-type", "")
+    media, *params = [part.strip().lower() for part in given.split(";")]
+    charsets = [p.partition("=")[2].strip('"') for p in params if p.startswith("charset=")]
+    if media != "application/json" or any(c not in ("utf-8", "utf8") for c in charsets):
+        shown = repr(given[:100]) if given else "none"
+        raise APIError(415, f"the request body must be JSON: send Content-Type: application/json (got {shown})")
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -8,6 +8,7 @@ tokenizer (the prompt's length) run where the model is, in the worker.
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -15,6 +16,19 @@ from ..select.choose import SELECTORS
 
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 16
+MAX_DEPTH = 32  # nesting levels a body may have (the deepest a valid request needs is 4)
+SURROGATE = re.compile("[\ud800-\udfff]")
+# Fields OpenAI's (and mlx-lm's) clients send that this server does not implement, each with the
+# values that ask nothing of it; any other value is refused rather than silently ignored.
+UNSUPPORTED: dict[str, tuple] = {
+    "n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",),
+    "logprobs": (False, 0), "top_logprobs": (0,),
+    "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "logit_bias": ({},), "frequency_penalty": (0,), "presence_penalty": (0,),
+    "repetition_penalty": (1,), "top_k": (0, -1), "min_p": (0,),
+    "audio": (), "modalities": (["text"],), "prediction": (), "web_search_options": (),
+}
 
 
 class APIError(Exception):
@@ -22,10 +36,11 @@ class APIError(Exception):
 
     def __init__(
         self, status: int, message: str, param: Optional[str] = None,
-        type: str = "invalid_request_error", code: Optional[str] = None,
+        type: str = "invalid_request_error", code: Optional[str] = None, headers: Optional[dict] = None,
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers: dict[str, str] = dict(headers or {})  # sent with the error (Retry-After, WWW-Authenticate)
 
     def body(self) -> dict:
         error = {"message": self.message, "type": self.type, "param": self.param}
@@ -73,14 +88,60 @@ class Ask:
 
 
 def parse_json(data: bytes) -> dict:
-    """The body as a JSON object; 400 for anything else (NaN and Infinity included)."""
+    """The body as a JSON object; 400 for anything else.
+
+    NaN and Infinity are refused; so is nesting past MAX_DEPTH (Python's
+    parser would raise RecursionError near 1,000) and a lone surrogate in any
+    string, key or value (``"\\ud800"`` is valid JSON but not text: the
+    tokenizer cannot encode it).
+    """
     try:
         body = json.loads(data, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise APIError(400, f"the request body nests deeper than {MAX_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, not {type(body).__name__}")
+    _check_text_and_depth(body)
     return body
+
+
+def _check_text_and_depth(body: dict) -> None:
+    """Every string in ``body`` valid Unicode and no value nested past MAX_DEPTH (iteratively: no recursion)."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise APIError(400, f"the request body nests deeper than {MAX_DEPTH} levels (at {path})", _field(path))
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            where = f"{path}[{key}]" if isinstance(key, int) else _member(path, key)
+            for text in (key, item):
+                if isinstance(text, str) and SURROGATE.search(text):
+                    raise APIError(400, f"{where} holds a lone surrogate (\\ud800-\\udfff): it is not text", _field(where))
+            if isinstance(item, (dict, list)):
+                stack.append((item, where, depth + 1))
+
+
+def _member(path: str, key: str) -> str:
+    shown = key if key.isidentifier() and key.isascii() and len(key) <= 40 else ascii(key[:40])
+    return f"{path}.{shown}" if path else shown
+
+
+def _field(path: str) -> Optional[str]:
+    """The top-level field a path is in (``messages`` for ``messages[0].content``)."""
+    return re.split(r"[.\[]", path, maxsplit=1)[0] or None
+
+
+def check_supported(body: dict) -> None:
+    """400 naming the first field that asks for something this server does not do (yet)."""
+    for name, neutral in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and value not in neutral:
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise APIError(400, f"{name} is not supported by this server (got {shown}): leave it out", name)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -125,6 +186,8 @@ def _message(message: Any, index: int) -> dict:
     if not isinstance(message, dict):
         raise APIError(400, f"{where} must be an object with role and content", "messages")
     role, content = message.get("role"), message.get("content")
+    if message.get("tool_calls") not in (None, []):
+        raise APIError(400, f"{where}.tool_calls: tool calls are not supported by this server", "messages")
     if role not in ROLES:
         raise APIError(400, f"{where}.role must be one of {', '.join(ROLES)} (got {role!r})", "messages")
     if isinstance(content, list):  # OpenAI's content parts: only text ones mean anything to a text model
@@ -140,6 +203,7 @@ def _message(message: Any, index: int) -> dict:
 
 def _options(body: dict, ask: Ask, limits: Limits) -> Ask:
     """The sampling, stopping, streaming and pruning fields every endpoint shares."""
+    check_supported(body)
     for name in ("max_tokens", "max_completion_tokens"):
         if body.get(name) is not None:
             ask.max_tokens = _integer(body, name, 1, limits.context, "the model's context")
@@ -147,8 +211,6 @@ def _options(body: dict, ask: Ask, limits: Limits) -> Ask:
     ask.top_p = _number(body, "top_p", 1.0, 0.0, 1.0, open_low=True)
     if body.get("seed") is not None:
         ask.seed = _integer(body, "seed", 0, 2**63 - 1, "2**63 - 1")
-    if body.get("n", 1) != 1:
-        raise APIError(400, "n must be 1: one choice per request", "n")
     ask.stop = _stops(body.get("stop"))
     ask.stream = _flag(body, "stream")
     options = body.get("stream_options")

@@ -13,6 +13,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
+from starlette.responses import JSONResponse
+
+from .protocol import APIError
+
 
 @dataclass
 class Usage:
@@ -84,3 +88,8 @@ def models_body(model_id: str, created: int) -> dict:
 
 def model_body(model_id: str, created: int) -> dict:
     return {"id": model_id, "object": "model", "created": created, "owned_by": "ifp-mlx"}
+
+
+def error_response(e: APIError) -> JSONResponse:
+    """``e`` as OpenAI's error body, with its status and headers."""
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)

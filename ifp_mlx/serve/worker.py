@@ -31,6 +31,7 @@ from .stops import StopWatch
 
 log = logging.getLogger("ifp.serve")
 MAX_ENGINES = 4  # (selector, k) pairs kept at once; each holds up to Settings.submodels gathered FFNs
+RETRY_AFTER = "5"  # seconds a client turned away by a full queue is told to wait (a short reply's time)
 
 
 @dataclass
@@ -171,7 +172,8 @@ class Worker:
         """Queue ``ask``; 503 when the queue is full (the client may retry)."""
         with self._lock:
             if self._waiting >= self.settings.queue:
-                raise APIError(503, f"the server is busy: {self._waiting} requests are waiting; retry later", type="server_error")
+                message = f"the server is busy: {self._waiting} requests are waiting; retry later"
+                raise APIError(503, message, type="server_error", headers={"Retry-After": RETRY_AFTER})
             self._waiting += 1
         job = Job(ask, loop)
         self.jobs.put(job)
