@@ -92,6 +92,8 @@ def run_python(source: str, limits: Limits = Limits(), tests: Optional[str] = No
 
 
 def _run(pieces: list, limits: Limits, plan: Plan, probe: bool = False) -> RunResult:
+    """One run of ``pieces`` ((file name, source) pairs) under ``plan``'s layers; ``probe``: the runner
+    reports what took effect instead of running anything. Tests pass a plan with a layer taken away."""
     nonce = secrets.token_hex(NONCE_BYTES)
     seccomp = compile_filter(limits.processes > 0) if plan.seccomp else None
     job = {"limits": asdict(limits), "probe": probe, "nonce": nonce, "pieces": pieces, "landlock": plan.landlock,
@@ -106,34 +108,38 @@ def _run(pieces: list, limits: Limits, plan: Plan, probe: bool = False) -> RunRe
                 open(Path(private) / "stderr", "w+b") as err:
             job_file.write(json.dumps(job).encode())
             job_file.seek(0)
-            done_read, done_write = os.pipe()
-            try:
-                returncode, seconds = _wait(plan, work, limits, job_file.fileno(), done_write, out, err)
-                os.close(done_write)
-                done_write = -1
-                completed = _read_marker(done_read) == nonce.encode()
-            finally:
-                os.close(done_read)
-                if done_write >= 0:
-                    os.close(done_write)
+            returncode, seconds, marker = _wait(plan, work, limits, job_file.fileno(), out, err)
             status = ("timeout" if returncode is None else "killed" if returncode < 0 else
-                      "passed" if returncode == 0 and completed else "failed")
+                      "passed" if returncode == 0 and marker == nonce.encode() else "failed")
             return RunResult(status, returncode, seconds, _tail(out), _tail(err))
 
 
-def _wait(plan: Plan, work: Path, limits: Limits, job: int, done: int, out, err) -> tuple[Optional[int], float]:
-    """Start the child, wait for it or the deadline, and leave nothing of it running: (exit status, seconds)."""
-    argv = [plan.interpreter, "-I", "-B", "-c", RUNNER.read_text(), str(job), str(done)]
-    start = time.perf_counter()
-    child = subprocess.Popen(plan.command(work, argv), cwd=work, env={}, stdin=subprocess.DEVNULL, stdout=out,
-                             stderr=err, start_new_session=True, pass_fds=(job, done), **plan.popen_options())
+def _wait(plan: Plan, work: Path, limits: Limits, job: int, out, err) -> tuple[Optional[int], float, bytes]:
+    """Start the child, wait for it or the deadline, and leave nothing of it running.
+
+    Returns its exit status (None at the deadline), the seconds it ran, and
+    what it wrote to the marker pipe, whose other end only this process holds.
+    """
+    done_read, done_write = os.pipe()
     try:
-        returncode = plan.exit_status(child.wait(timeout=limits.seconds))
-    except subprocess.TimeoutExpired:
-        returncode = None
-    seconds = time.perf_counter() - start
-    _kill_group(child)  # anything it left running in its session (bwrap's PID namespace ends the rest)
-    return returncode, seconds
+        argv = [plan.interpreter, "-I", "-B", "-c", RUNNER.read_text(), str(job), str(done_write)]
+        start = time.perf_counter()
+        child = subprocess.Popen(plan.command(work, argv), cwd=work, env={}, stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=err, start_new_session=True, pass_fds=(job, done_write),
+                                 **plan.popen_options())
+        os.close(done_write)
+        done_write = -1
+        try:
+            returncode = plan.exit_status(child.wait(timeout=limits.seconds))
+        except subprocess.TimeoutExpired:
+            returncode = None
+        seconds = time.perf_counter() - start
+        _kill_group(child)  # anything it left running in its session (bwrap's PID namespace ends the rest)
+        return returncode, seconds, _read_marker(done_read)
+    finally:
+        os.close(done_read)
+        if done_write >= 0:
+            os.close(done_write)
 
 
 def _read_marker(fd: int) -> bytes:

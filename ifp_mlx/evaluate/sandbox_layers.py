@@ -39,7 +39,8 @@ from typing import Optional
 FIRST_UID = 2_000_000_123  # far above any login or container range; uid maps refuse some higher values
 INSIDE_ID = 1000  # what the child sees as its uid and gid
 SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
-NAMESPACES = ("--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try")
+NAMESPACES = ("--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+              "--unshare-cgroup-try")
 PRIVATE = ("/tmp", "/run", "/var/tmp")  # where the host keeps sockets and shared files: empty in the sandbox
 PRIVATE_SIZE = 64 << 20  # bytes each private tmpfs may hold, where bwrap supports --size
 MACOS_PROFILE = """(version 1)
@@ -95,7 +96,8 @@ class Plan:
 def bwrap_arguments(work: Path, extra: tuple[str, ...]) -> list[str]:
     """The namespaces and the mount table (see the module docstring); ``work`` is the one writable folder."""
     size = ["--size", str(PRIVATE_SIZE)] if "--size" in extra else []
-    private = [arg for path in PRIVATE if os.path.isdir(path) and not os.path.islink(path) for arg in (*size, "--tmpfs", path)]
+    mounts = [path for path in PRIVATE if os.path.isdir(path) and not os.path.islink(path)]  # tmpfs needs a folder
+    private = [arg for path in mounts for arg in (*size, "--tmpfs", path)]
     folder = str(work)
     return [
         *NAMESPACES, *(["--disable-userns"] if "--disable-userns" in extra else []),

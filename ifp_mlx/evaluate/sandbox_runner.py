@@ -175,7 +175,8 @@ def audit_guard(folder: str) -> None:
     """
     root = os.path.realpath(folder)
     refused, prefixes, path_events = frozenset(REFUSED_EVENTS), REFUSED_PREFIXES, dict(PATH_EVENTS)
-    write_flags, realpath, fsdecode, readlink, sep, devnull = WRITE_FLAGS, os.path.realpath, os.fsdecode, os.readlink, os.sep, os.devnull
+    write_flags, sep, devnull = WRITE_FLAGS, os.sep, os.devnull
+    realpath, fsdecode, readlink = os.path.realpath, os.fsdecode, os.readlink  # not os's attributes, rebindable
     linux = sys.platform.startswith("linux")
 
     def inside(path, descriptors_ok: bool) -> bool:
