@@ -13,7 +13,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -35,7 +37,9 @@ def test_the_report_names_the_layers_this_machine_has():
         return
     assert ("uid" in kernel) == (os.geteuid() == 0 and detect().uid is not None)
     assert ("namespaces" in kernel) == (detect().bwrap is not None or detect().unshare is not None)
-    assert ("namespaces" in kernel and layers["namespaces"].startswith("bubblewrap")) == (shutil.which("bwrap") is not None)
+    assert layers["namespaces"].startswith("bubblewrap") == (detect().bwrap is not None)
+    if detect().bwrap is None:  # the line says why: bwrap missing, or refused here (no user namespaces)
+        assert ("bwrap does not start here" if shutil.which("bwrap") else "apt-get install bubblewrap") in layers["namespaces"]
     assert ("seccomp" in kernel) == (compile_filter(False) is not None)
     assert set(layers) == {"uid", "namespaces", "seccomp", "landlock", "rlimits", "audit hook"}
     assert sandbox_report()["interpreter"].startswith(detect().interpreter)
@@ -72,6 +76,23 @@ for attempt in (lambda: open({str(secret)!r}).read(), lambda: os.listdir('/root'
         assert result.returncode == 0, result.stderr
         assert result.stdout.split() == ["refused"] * 3
         assert os.stat(work / "mine").st_uid == plan.uid  # the host sees a uid of no one's
+
+
+def test_an_interpreter_strangers_cannot_reach_is_never_chosen():
+    """A Python under a folder only its owner may enter (a pyenv in /root) would not start as the sandbox's uid."""
+    with tempfile.TemporaryDirectory() as top:  # under /tmp, which anyone may enter
+        os.chmod(top, 0o755)
+        for name, mode in (("closed", 0o700), ("open", 0o755)):
+            (Path(top) / name).mkdir()
+            (Path(top) / name / "python3").write_bytes(b"")
+            os.chmod(Path(top) / name / "python3", 0o755)
+            os.chmod(Path(top) / name, mode)
+        assert not others_can_reach(f"{top}/closed/python3", execute=True)
+        assert others_can_reach(f"{top}/open/python3", execute=True)
+        assert others_can_reach(f"{top}/open/python3", execute=False)  # 0o755 is readable too
+    plan = detect()
+    if plan.uid is not None:
+        assert others_can_reach(plan.interpreter, execute=True) and os.path.realpath(plan.interpreter) == plan.interpreter
 
 
 def bwrap_plan():

@@ -25,6 +25,7 @@ import functools
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,13 +200,13 @@ def describe(plan: Plan, child: dict) -> dict:
     if sys.platform == "darwin":
         return {"sandbox-exec": "no network, writes only in its folder" if plan.seatbelt else "none: not found",
                 "rlimits": ", ".join(child["rlimits"]), "audit hook": hook}
+    no_bwrap = "bwrap does not start here" if shutil.which("bwrap") else "no bwrap: apt-get install bubblewrap"
     layers = {}
     layers["uid"] = (f"{plan.uid} outside (no user's), {INSIDE_ID} inside, no groups" if plan.uid is not None else
                      f"none: runs as ifp's uid {child['uid']}" + ("" if os.geteuid() == 0 else " (ifp is not root)"))
     layers["namespaces"] = (
-        "bubblewrap: own user, mount, PID, network, IPC, UTS namespaces; root read-only; private /tmp, /run, /dev"
-        if plan.bwrap else "network namespace only (unshare -rn; no bwrap)" if plan.unshare else
-        "none: neither bwrap nor unshare starts here")
+        "bubblewrap: own user, mount, PID, network, IPC, UTS namespaces; root read-only; private /tmp, /var/tmp, /run, /dev"
+        if plan.bwrap else f"network namespace only (unshare -rn; {no_bwrap})" if plan.unshare else f"none: {no_bwrap}")
     layers["seccomp"] = (f"libseccomp filter: {len(denied(False))} system calls refused" if child["seccomp"] else
                          "none: libseccomp or pyseccomp missing" if plan.seccomp else "none: not asked for")
     layers["landlock"] = (f"ABI {child['landlock']}: writes only in its folder, no TCP, no signals out"

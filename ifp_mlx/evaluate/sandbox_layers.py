@@ -147,12 +147,13 @@ def free_id() -> Optional[int]:
 
 
 def reachable_interpreter() -> Optional[str]:
-    """ifp's own Python if any user can run it and read its library, else the system's python3."""
-    own = os.path.realpath(sys.executable)
+    """ifp's own Python if any user can run it and read its library, else the system's python3; by its real
+    path, which is the one checked (the runner needs only the standard library, not ifp's environment)."""
+    own = os.path.realpath(sys.executable)  # a venv's python may sit in a folder strangers cannot enter
     if others_can_reach(own, execute=True) and others_can_reach(sysconfig.get_paths()["stdlib"], execute=False):
-        return sys.executable
-    for candidate in SYSTEM_PYTHONS:
-        if os.path.exists(candidate) and others_can_reach(os.path.realpath(candidate), execute=True):
+        return own
+    for candidate in map(os.path.realpath, SYSTEM_PYTHONS):
+        if os.path.exists(candidate) and others_can_reach(candidate, execute=True):
             return candidate
     return None
 
