@@ -207,3 +207,15 @@ print(json.dumps([attempt(lambda: socket.socket(socket.AF_UNIX).connect({str(pat
     assert loaded == "True", result.stderr
     assert json.loads(attempts) == ["EPERM"] * 8
     assert xattrs(target) == []
+
+
+def test_the_child_has_no_privilege_left():
+    """No capabilities, no groups, no_new_privs, and (where libseccomp is) one seccomp filter, as the kernel sees it."""
+    if not LINUX:  # no /proc/self/status
+        return
+    result = _run([("program.py", "print(open('/proc/self/status').read())")], Limits(), detect())
+    status = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
+    assert int(status["CapEff"], 16) == 0 and int(status["NoNewPrivs"]) == 1
+    if detect().uid is not None:
+        assert status["Uid"].split()[0] != "0" and status["Groups"].strip() in ("", "1000")
+    assert int(status["Seccomp"]) == (2 if compile_filter(False) else 0)
