@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from .. import __version__
-from ..files import atomic_folder
+from ..files import atomic_folder, space_for
 from ..model.bank import channel_records
 from ..model.families import UnsupportedFamily, family_for
 from .checkpoint import Checkpoint, open_checkpoint
@@ -78,7 +78,7 @@ def convert(
         raise ConversionError(f"{out} already exists (use --force to overwrite)")
     checkpoint = open_checkpoint(src, config_path)
     plan = _plan(checkpoint, options)
-    with atomic_folder(out, force=True) as tmp:
+    with space_for(out, _output_bytes(plan, options), ConversionError), atomic_folder(out, force=True) as tmp:
         tracker = _Progress(plan.total_bytes, progress)
         _write_weights(tmp / WEIGHTS_FILE, plan, options, tracker)
         _write_bank(tmp / BANK_FILE, plan, options, tracker)
@@ -229,15 +229,35 @@ def _mx_to_numpy(x: mx.array, dtype: str) -> np.ndarray:
     return _cast(np.array(x.astype(mx.float32)), dtype)
 
 
+def _weight_entries(plan: _Plan, options: ConvertOptions) -> dict[str, list]:
+    """Each non-FFN tensor's output entries, by name."""
+    return {
+        name: _entries_for(name, t.shape, plan.dtype, options, _quantizes(name, t.shape, options))
+        for name, t in sorted(plan.dense.items())
+    }
+
+
+def _bank_entries(plan: _Plan, options: ConvertOptions) -> list:
+    d_ff, d = plan.ffn[0]["gate"].shape
+    return _entries_for("bank.weight", (len(plan.ffn), d_ff, 3, d), plan.dtype, options, options.quantize)
+
+
+def _output_bytes(plan: _Plan, options: ConvertOptions) -> int:
+    """About what the model folder will take on disk: every tensor written, and a
+    megabyte for the headers, the config and the tokenizer."""
+    entries = [e for es in _weight_entries(plan, options).values() for e in es] + _bank_entries(plan, options)
+    itemsize = {"bfloat16": 2, "float16": 2, "float32": 4, "uint32": 4}
+    return sum(int(np.prod(shape)) * itemsize[dtype] for _, dtype, shape in entries) + (1 << 20)
+
+
 def _write_weights(path: Path, plan: _Plan, options: ConvertOptions, tracker: _Progress) -> None:
-    names = sorted(plan.dense)
-    quantized = {name: _quantizes(name, plan.dense[name].shape, options) for name in names}
-    entries = {name: _entries_for(name, plan.dense[name].shape, plan.dtype, options, quantized[name]) for name in names}
+    entries = _weight_entries(plan, options)
+    names = list(entries)
     writer = SafetensorsWriter(path, [e for name in names for e in entries[name]])
     try:
         for name in names:
             tensor = plan.dense[name]
-            arrays = _to_output(tensor.read(), plan.dtype, options, quantized[name])
+            arrays = _to_output(tensor.read(), plan.dtype, options, len(entries[name]) > 1)
             for (entry, _, _), array in zip(entries[name], arrays):
                 writer.write(entry, array)
             tracker.advance(tensor)
@@ -248,13 +268,11 @@ def _write_weights(path: Path, plan: _Plan, options: ConvertOptions, tracker: _P
 
 
 def _write_bank(path: Path, plan: _Plan, options: ConvertOptions, tracker: _Progress) -> None:
-    num_layers = len(plan.ffn)
-    d_ff, d = plan.ffn[0]["gate"].shape
-    shape = (num_layers, d_ff, 3, d)
+    d = plan.ffn[0]["gate"].shape[1]
     quantized = options.quantize
     if quantized and d % options.group_size:
         raise ConversionError(f"hidden size {d} is not a multiple of --group-size {options.group_size}")
-    entries = _entries_for("bank.weight", shape, plan.dtype, options, quantized)
+    entries = _bank_entries(plan, options)
     writer = SafetensorsWriter(path, entries)
     try:
         for layer, parts in enumerate(plan.ffn):

