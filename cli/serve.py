@@ -34,7 +34,7 @@ def serve(
     allow_host: Optional[list[str]] = typer.Option(None, "--allow-host", help="a Host name to answer beyond localhost, 127.0.0.1, [::1] and --host (repeatable; * for any, e.g. behind a proxy)"),
     cors_origin: Optional[list[str]] = typer.Option(None, "--cors-origin", help="a browser origin allowed to call the server, e.g. http://localhost:3000 (repeatable; * for any); none by default"),
     max_connections: int = typer.Option(128, "--max-connections", help="connections open at once; one more closes the one that has waited longest for its request, or gets 503 when all are busy"),
-    request_timeout: float = typer.Option(30.0, "--request-timeout", help="seconds a connection has to send a whole request (headers and body) once it starts waiting for one; then 408 and closed"),
+    request_timeout: float = typer.Option(30.0, "--request-timeout", help="seconds a connection has to send a whole request (headers and body) once it starts waiting for one (then 408 and closed), and the longest a reply may go unread"),
     log_level: str = typer.Option("info", "--log-level", help="log level: critical | error | warning | info (each reply's statistics) | debug"),
 ) -> None:
     """Serve the model over HTTP with OpenAI's chat and completions API; replies stream, one at a time.

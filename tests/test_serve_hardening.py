@@ -5,10 +5,13 @@ is tested is what the server accepts and how it refuses), driven by the
 official openai client and by raw sockets for what no client library sends.
 """
 
+import asyncio
 import json
 import selectors
 import socket
 import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 import openai
 import pytest
@@ -255,31 +258,34 @@ def test_stalled_clients_are_dropped_and_never_lock_out_the_others(server):
 
 
 async def holding_app(scope, receive, send):
-    """An ASGI app that keeps every request until the test releases it (``holding_app.gate``)."""
+    """An ASGI app that keeps each request until the test releases it (``gate``), or, for
+    /flood, streams far more than any socket buffer holds (``flooded`` is set when it ends)."""
     if scope["type"] == "lifespan":
         for reply in ("lifespan.startup.complete", "lifespan.shutdown.complete"):
             await receive()
             await send({"type": reply})
         return
+    if scope["path"] == "/flood":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(1024):  # 64 MB; once the connection is cut off, each send returns at once
+            await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": True})
+        holding_app.flooded.set()
+        return await send({"type": "http.response.body", "body": b""})
     holding_app.arrived.release()
     await holding_app.gate.wait()
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), (b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"{}"})
 
 
-def test_at_the_limit_with_every_connection_busy_a_new_one_gets_503_with_retry_after():
-    """The same guard in front of an app that holds its requests: two connections being
-    answered fill --max-connections 2, so a third is refused with 503 and Retry-After."""
-    import asyncio
-
-    guard = ConnectionGuard(max_connections=2, request_timeout=30)
+@contextmanager
+def guarded_server(guard: ConnectionGuard) -> Iterator[tuple[int, asyncio.AbstractEventLoop]]:
+    """``holding_app`` behind ``guard`` on uvicorn, in a thread; yields its port and event loop."""
     server = make_server(holding_app, "127.0.0.1", 0, guard, "warning")
     listening = socket.socket()
     listening.bind(("127.0.0.1", 0))
     listening.listen()
-    port = listening.getsockname()[1]
     loop = asyncio.new_event_loop()
-    holding_app.arrived, holding_app.gate = threading.Semaphore(0), asyncio.Event()
+    holding_app.arrived, holding_app.gate, holding_app.flooded = threading.Semaphore(0), asyncio.Event(), threading.Event()
 
     def run() -> None:
         asyncio.set_event_loop(loop)
@@ -287,8 +293,21 @@ def test_at_the_limit_with_every_connection_busy_a_new_one_gets_503_with_retry_a
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    busy = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2)]
     try:
+        yield listening.getsockname()[1], loop
+    finally:
+        loop.call_soon_threadsafe(holding_app.gate.set)
+        server.should_exit = True
+        thread.join(30)
+        loop.close()
+
+
+def test_at_the_limit_with_every_connection_busy_a_new_one_gets_503_with_retry_after():
+    """The same guard in front of an app that holds its requests: two connections being
+    answered fill --max-connections 2, so a third is refused with 503 and Retry-After."""
+    guard = ConnectionGuard(max_connections=2, request_timeout=30)
+    with guarded_server(guard) as (port, loop):
+        busy = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2)]
         for s in busy:
             s.sendall(b"GET /hold HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         for _ in busy:
@@ -299,12 +318,29 @@ def test_at_the_limit_with_every_connection_busy_a_new_one_gets_503_with_retry_a
         assert guard.counts()["refused"] == 1
         loop.call_soon_threadsafe(holding_app.gate.set)
         assert [read_response(s)[0] for s in busy] == [200, 200]
-    finally:
         for s in busy:
             s.close()
-        server.should_exit = True
-        thread.join(30)
-        loop.close()
+
+
+def test_a_reply_the_client_stops_reading_is_cut_off():
+    """A client that asks and never reads: once its reply has filled the socket buffers,
+    the connection is cut off after the deadline, not held while it never reads."""
+    guard = ConnectionGuard(max_connections=4, request_timeout=1)
+    with guarded_server(guard) as (port, loop):
+        with socket.socket() as reader:
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            reader.connect(("127.0.0.1", port))
+            reader.sendall(b"GET /flood HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert holding_app.flooded.wait(60)  # the app's sends returned: the connection is gone
+            assert guard.counts()["unread"] == 1 and guard.counts()["open"] == 0
+            reader.settimeout(30)
+            received = 0
+            try:
+                while data := reader.recv(1 << 20):
+                    received += len(data)
+            except ConnectionResetError:
+                pass
+            assert received < 64 << 20
 
 
 def test_bad_access_flags_are_one_line_errors(tiny):

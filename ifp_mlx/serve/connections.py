@@ -14,6 +14,9 @@ on uvicorn's h11 protocol:
   after a reply, with nothing of its next request sent, only when there is
   no other; never one whose request is being answered), or, when every one
   is busy answering, is answered 503 with ``Retry-After``;
+- a reply the client stops reading (its writes paused) for ``request_timeout``
+  seconds is cut off: otherwise a client that asks and never reads holds its
+  connection for good;
 - these events, and uvicorn's own per-socket warnings, are logged once and
   then summed up once a minute, so a flood cannot grow the log.
 """
@@ -38,6 +41,7 @@ EVENTS = {
     "timeout": "closed a connection that sent no whole request within {timeout:g} s",
     "evicted": "closed the connection that had waited longest for its request: {limit} connections were open",
     "refused": "refused a connection with 503: {limit} connections were open, each being answered",
+    "unread": "cut off a reply its client had not read for {timeout:g} s",
     "invalid": "answered 400 to a request that was not valid HTTP",
 }
 UVICORN_WARNINGS = {"Invalid HTTP request received.": "invalid"}  # uvicorn's per-socket warnings, counted instead
@@ -128,6 +132,7 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._deadline: Optional[asyncio.TimerHandle] = None
+        self._unread: Optional[asyncio.TimerHandle] = None  # set while the client does not read the reply
         self._kept = False  # a reply was sent and nothing of the next request has come
         if not self.guard.admit(self):
             self.drop(503, f"the server has {self.guard.max_connections} connections open, each being answered; retry later")
@@ -144,8 +149,27 @@ class GuardedH11Protocol(H11Protocol):
         self._kept = self.conn.their_state is h11.IDLE
         self._track()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._unread is None:
+            self._unread = self.loop.call_later(self.guard.request_timeout, self._cut_off)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._unread is not None:
+            self._unread.cancel()
+            self._unread = None
+
+    def _cut_off(self) -> None:
+        self._unread = None
+        self.guard.forget(self)
+        self.guard.note("unread")
+        self.transport.abort()  # close() would wait to send what the client is not reading
+
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._stop_deadline()
+        if self._unread is not None:
+            self._unread.cancel()
         self.guard.forget(self)
         super().connection_lost(exc)
 
