@@ -208,7 +208,8 @@ def describe(plan: Plan, child: dict) -> dict:
         "bubblewrap: own user, mount, PID, network, IPC, UTS namespaces; root read-only; private /tmp, /var/tmp, /run, /dev"
         if plan.bwrap else f"network namespace only (unshare -rn; {no_bwrap})" if plan.unshare else f"none: {no_bwrap}")
     layers["seccomp"] = (f"libseccomp filter: {len(denied(False))} system calls refused" if child["seccomp"] else
-                         "none: libseccomp or pyseccomp missing" if plan.seccomp else "none: not asked for")
+                         "none: not asked for" if not plan.seccomp else "none: libseccomp or pyseccomp missing"
+                         if compile_filter(False) is None else "none: the kernel refused the filter")
     layers["landlock"] = (f"ABI {child['landlock']}: writes only in its folder, no TCP, no signals out"
                           if child["landlock"] else "none: this kernel has no Landlock" if plan.landlock else
                           "none: not asked for")

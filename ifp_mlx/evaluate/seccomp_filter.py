@@ -56,15 +56,18 @@ def compile_filter(processes: bool) -> Optional[bytes]:
         import pyseccomp as seccomp
     except (ImportError, RuntimeError, OSError):  # RuntimeError: the bindings found no libseccomp
         return None
-    rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
-    for name in denied(processes):
-        number = seccomp.resolve_syscall(seccomp.Arch.NATIVE, name)
-        if number < 0:  # a name this libseccomp does not know
-            if name not in NEWER or platform.machine() not in UNIFIED_NUMBERS:
-                continue
-            number = NEWER[name]
-        rules.add_rule(seccomp.ERRNO(errno.ENOSYS if name == "clone3" else errno.EPERM), number)
-    with tempfile.TemporaryFile() as f:
-        rules.export_bpf(f)
-        f.seek(0)
-        return f.read()
+    try:
+        rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+        for name in denied(processes):
+            number = seccomp.resolve_syscall(seccomp.Arch.NATIVE, name)
+            if number < 0:  # a name this libseccomp does not know
+                if name not in NEWER or platform.machine() not in UNIFIED_NUMBERS:
+                    continue
+                number = NEWER[name]
+            rules.add_rule(seccomp.ERRNO(errno.ENOSYS if name == "clone3" else errno.EPERM), number)
+        with tempfile.TemporaryFile() as f:
+            rules.export_bpf(f)
+            f.seek(0)
+            return f.read()
+    except OSError:  # libseccomp refused the filter: no layer rather than a partial one
+        return None
