@@ -21,7 +21,7 @@ import pytest
 
 import ifp_mlx  # noqa: F401  (first: it preloads OpenBLAS before mlx.core)
 from ifp_mlx.errors import IFPError
-from ifp_mlx.evaluate.sandbox import RUNNER, Limits, _run, report, sandbox_report
+from ifp_mlx.evaluate.sandbox import RUNNER, Limits, report, run_under, sandbox_report
 from ifp_mlx.evaluate.sandbox_layers import Plan, detect, others_can_reach
 from ifp_mlx.evaluate.seccomp_filter import compile_filter
 from sandboxing import folder, outer_only, processes_with, token, visible_target, xattrs
@@ -161,7 +161,7 @@ def test_the_pid_namespace_ends_every_process_with_the_first(ending):
                f"print(subprocess.Popen([sys.executable, '-c', '{daemon}'], start_new_session=True).pid, flush=True)\n"
                + ("time.sleep(1)\n" if ending == "exits" else "time.sleep(60)\n"))
     limits = Limits(seconds=3, processes=64)
-    result = _run([("program.py", program)], limits, dataclasses.replace(plan, seccomp=False))
+    result = run_under(dataclasses.replace(plan, seccomp=False), [("program.py", program)], limits)
     assert result.stdout.strip().isdigit(), result  # the child was started
     assert result.status == ("passed" if ending == "exits" else "timeout"), result
     deadline = time.monotonic() + 3
@@ -213,7 +213,7 @@ def test_the_child_has_no_privilege_left():
     """No capabilities, no groups, no_new_privs, and (where libseccomp is) one seccomp filter, as the kernel sees it."""
     if not LINUX:  # no /proc/self/status
         return
-    result = _run([("program.py", "print(open('/proc/self/status').read())")], Limits(), detect())
+    result = run_under(detect(), [("program.py", "print(open('/proc/self/status').read())")], Limits())
     status = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
     assert int(status["CapEff"], 16) == 0 and int(status["NoNewPrivs"]) == 1
     if detect().uid is not None:

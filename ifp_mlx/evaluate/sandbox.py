@@ -89,10 +89,10 @@ def run_python(source: str, limits: Limits = Limits(), tests: Optional[str] = No
     """Run ``source`` as ``program.py`` in a fresh sandbox, then ``tests`` (compiled on their own) in
     its namespace, and wait for it (or the deadline). It passes only if both ran to their end."""
     pieces = [("program.py", source)] + ([("tests.py", tests)] if tests is not None else [])
-    return _run(pieces, limits, detect())
+    return run_under(detect(), pieces, limits)
 
 
-def _run(pieces: list, limits: Limits, plan: Plan, probe: bool = False) -> RunResult:
+def run_under(plan: Plan, pieces: list, limits: Limits, probe: bool = False) -> RunResult:
     """One run of ``pieces`` ((file name, source) pairs) under ``plan``'s layers; ``probe``: the runner
     reports what took effect instead of running anything. Tests pass a plan with a layer taken away."""
     nonce = secrets.token_hex(NONCE_BYTES)
@@ -180,7 +180,7 @@ def report(plan: Plan) -> dict:
     when no kernel layer took effect (the audit hook alone can be switched off
     by a program that sets out to).
     """
-    probe = _run([], Limits(), plan, probe=True)
+    probe = run_under(plan, [], Limits(), probe=True)
     if not probe.passed:
         raise IFPError(f"the code sandbox does not start here ({probe.reason}): HumanEval cannot be scored")
     child = json.loads(probe.stdout.strip().splitlines()[-1])
