@@ -88,3 +88,9 @@ def test_sandbox_has_no_network_no_processes_and_an_empty_environment():
     report = sandbox_report()
     assert set(report["layers"]["rlimits"].split(", ")) >= (
         {"RLIMIT_CPU", "RLIMIT_FSIZE"} if sys.platform == "darwin" else {"RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_NPROC", "RLIMIT_FSIZE"})
+
+
+def test_source_that_is_not_valid_text_fails_in_the_child_not_in_ifp():
+    for source in ("x = '\udc80'\n", "x = 1\0\n", "def f(:\n"):
+        result = run_python(source)
+        assert result.status == "failed" and result.reason, (source, result)

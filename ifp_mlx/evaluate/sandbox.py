@@ -103,7 +103,8 @@ def run_under(plan: Plan, pieces: list, limits: Limits, probe: bool = False) -> 
         # The child's folder is work/; its stdout and stderr are files beside it, out of its reach.
         work = Path(private) / "work"
         work.mkdir(mode=0o700)
-        (work / "program.py").write_text(pieces[0][1] if pieces else "", encoding="utf-8")  # for tracebacks
+        # for tracebacks only (the runner runs the job's copy); a lone surrogate from a tokenizer is no traceback here
+        (work / "program.py").write_text(pieces[0][1] if pieces else "", encoding="utf-8", errors="replace")
         plan.prepare(Path(private), work)
         with tempfile.TemporaryFile() as job_file, open(Path(private) / "stdout", "w+b") as out, \
                 open(Path(private) / "stderr", "w+b") as err:
