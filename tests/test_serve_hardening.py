@@ -25,7 +25,7 @@ from tiny import write_hf_folder
 
 CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
 USER = [{"role": "user", "content": "hi"}]
-TIMEOUT_S, MAX_CONNECTIONS = 2, 48
+TIMEOUT_S, MAX_CONNECTIONS = 3, 48
 KEY = "sk-test-0123456789"
 
 
@@ -236,10 +236,10 @@ def test_stalled_clients_are_dropped_and_never_lock_out_the_others(server):
     client is still served, every stalled one is closed (408) by the deadline or to make
     room, and the log says so in a few lines, not one per socket."""
     base, port, log = server
-    before = get(f"{base}/health")["connections"]
+    health = get(f"{base}/health")
+    before, model = health["connections"], health["model"]
     stalled = open_stalled(port, 250)
     client = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
-    model = client.models.list().data[0].id
     assert client.chat.completions.create(model=model, messages=USER, max_tokens=2).choices[0].message.role == "assistant"
     received = wait_closed(stalled)
     assert all(b" 408 " in r.split(b"\r\n")[0] for r in received if r)  # answered 408, or closed before a read
