@@ -135,8 +135,9 @@ def _wait(plan: Plan, work: Path, limits: Limits, job: int, out, err) -> tuple[O
             returncode = plan.exit_status(child.wait(timeout=limits.seconds))
         except subprocess.TimeoutExpired:
             returncode = None
-        seconds = time.perf_counter() - start
-        _kill_group(child)  # anything it left running in its session (bwrap's PID namespace ends the rest)
+        finally:  # at the deadline, after it, or on Ctrl-C: nothing of it keeps running
+            seconds = time.perf_counter() - start
+            _kill_group(child)  # its session (bwrap's PID namespace ends the rest)
         return returncode, seconds, _read_marker(done_read)
     finally:
         os.close(done_read)
