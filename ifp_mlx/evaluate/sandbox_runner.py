@@ -234,9 +234,10 @@ def run(pieces: list, done) -> None:
         for piece in code:
             exec(piece, main.__dict__)
     except SystemExit as stop:
+        sys.stdout.flush()
         sys.stderr.write(f"{EARLY_EXIT} (SystemExit: {stop})\n")
         sys.stderr.flush()
-        os._exit(1)
+        os._exit(1)  # not SystemExit: the program's atexit handlers do not get to run either
     sys.stdout.flush()
     done()
 
