@@ -43,8 +43,15 @@ EVENTS = {
     "refused": "refused a connection with 503: {limit} connections were open, each being answered",
     "unread": "cut off a reply its client had not read for {timeout:g} s",
     "invalid": "answered 400 to a request that was not valid HTTP",
+    "upgrade": "answered a request that asked to upgrade the connection (to a WebSocket) as plain HTTP",
 }
-UVICORN_WARNINGS = {"Invalid HTTP request received.": "invalid"}  # uvicorn's per-socket warnings, counted instead
+# uvicorn's per-request warnings, by how they begin, counted as the guard's events instead (None: the
+# second line of the one before, dropped)
+UVICORN_WARNINGS = (
+    ("Invalid HTTP request received.", "invalid"),
+    ("Unsupported upgrade request.", "upgrade"),
+    ("No supported WebSocket library detected.", None),
+)
 
 
 class ConnectionGuard:
@@ -235,11 +242,13 @@ class CountUvicornWarnings(logging.Filter):
         self.guard = guard
 
     def filter(self, record: logging.LogRecord) -> bool:
-        kind = UVICORN_WARNINGS.get(record.getMessage())
-        if kind is None:
-            return True
-        self.guard.note(kind)
-        return False
+        message = record.getMessage()
+        for start, kind in UVICORN_WARNINGS:
+            if message.startswith(start):
+                if kind is not None:
+                    self.guard.note(kind)
+                return False
+        return True
 
 
 def check_descriptors(max_connections: int) -> Optional[str]:
