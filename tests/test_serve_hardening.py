@@ -18,6 +18,7 @@ import pytest
 from openai import OpenAI
 
 from ifp_mlx.convert import ConvertOptions, convert
+from ifp_mlx.serve.access import Access, parse_hosts
 from ifp_mlx.serve.connections import ConnectionGuard, make_server
 from serving import assert_error, get, post, raw, raw_exchange, read_response, running_server
 from test_cli import assert_one_line_error, ifp
@@ -387,3 +388,16 @@ def test_every_field_with_every_kind_of_value_is_answered_never_a_500(server):
             assert status in (200, 400), (key, value, answer)
     assert statuses == {200, 400, 404}
     served(port)
+
+
+def test_which_host_names_each_binding_answers():
+    loopback, wildcard, named = Access("127.0.0.1"), Access("0.0.0.0", ("box.lan",)), Access("box.lan")
+    assert loopback.host_allowed("localhost:8080") and loopback.host_allowed("[::1]") and loopback.host_allowed("localhost.")
+    assert not loopback.host_allowed("192.168.1.5:8080") and not loopback.host_allowed(None) and not loopback.host_allowed("")
+    assert wildcard.host_allowed("192.168.1.5:8080") and wildcard.host_allowed("[fe80::1]:8080")  # an address is never rebound
+    assert wildcard.host_allowed("BOX.LAN:8080") and not wildcard.host_allowed("evil.test")
+    assert named.host_allowed("box.lan:1") and not named.host_allowed("10.0.0.1")
+    assert Access("127.0.0.1", ("*",)).host_allowed("anything.test")
+    assert parse_hosts(["Box.Lan:8080", "[::2]", "*"]) == ("box.lan", "::2", "*")
+    with pytest.raises(ValueError):
+        parse_hosts(["a b:c"])
