@@ -37,6 +37,11 @@ JUNK = [
     "7", "", None, [], {}, [1, 2], True, False, "../weights.safetensors", "/etc/passwd", "llama",
     {"type": "linear"}, {"rope_type": "llama3", "factor": 0}, ["full_attention"], [[[[[[[[]]]]]]]],
 ]
+ADDED = [  # fields some family's model class reads, which a seed may lack
+    "attention_bias", "mlp_bias", "rope_traditional", "layer_types", "rope_scaling", "rope_parameters",
+    "sliding_window", "sliding_window_pattern", "query_pre_attn_scalar", "rope_local_base_freq", "head_dim",
+    "num_key_value_heads", "text_config", "eos_token_id", "architectures", "quantization", "max_position_embeddings",
+]
 ROOT_JUNK = [[], "x", 3, None, [{}], True]
 
 
@@ -51,7 +56,12 @@ def _paths(value, prefix: tuple = ()) -> list[tuple]:
 
 
 def _field_variant(rng: random.Random, config: dict) -> tuple[dict, str]:
-    """One field of ``config`` (at any depth) set to junk, nudged, scaled or removed."""
+    """One field of ``config`` (at any depth) set to junk, nudged, scaled or removed, or
+    a field some family reads added with a junk value."""
+    if rng.random() < 0.15:
+        key, value = rng.choice(ADDED), rng.choice(JUNK)
+        config[key] = value
+        return config, f"add {key}={json.dumps(value)[:60]}"
     path = rng.choice(_paths(config))
     parent = config
     for key in path[:-1]:
@@ -278,3 +288,26 @@ def test_ifp_list_shows_a_damaged_model_beside_the_others(tiny_models, tmp_path)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
     assert "float32" in rows["good"] and "(config.json refused)" in rows["damaged"], result.stdout
+
+
+REAL_WORLD_FIELDS = {  # as released Hugging Face configs have them: none of it may be refused
+    "llama": {
+        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "eos_token_id": [257, 256], "pretraining_tp": 1, "torch_dtype": "bfloat16", "mlp_bias": False,
+        "attention_bias": False, "attention_dropout": 0.0, "use_cache": True, "sliding_window": None, "head_dim": None,
+    },
+    "qwen2": {"sliding_window": None, "use_sliding_window": False, "max_window_layers": 21, "rope_scaling": None, "head_dim": None},
+    "qwen3": {"sliding_window": None, "use_sliding_window": False, "max_window_layers": 28, "rope_scaling": None,
+              "attention_bias": False, "layer_types": ["full_attention", "full_attention"], "rope_parameters": None},
+    "gemma3_text": {"final_logit_softcapping": None, "attn_logit_softcapping": None, "rope_scaling": None,
+                    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+}
+
+
+@pytest.mark.parametrize("family", sorted(REAL_WORLD_FIELDS))
+def test_the_fields_of_released_configs_are_accepted(tmp_path, family):
+    write_hf_folder(tmp_path / "hf", family)
+    _tampered(tmp_path / "hf", lambda config: config.update(REAL_WORLD_FIELDS[family]))
+    convert(tmp_path / "hf", tmp_path / "out")
+    assert _check(tmp_path / "out") == "works"

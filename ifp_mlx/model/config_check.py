@@ -10,11 +10,15 @@ kilobytes read), so a config that disagrees with its weights is refused before
 MLX builds a single layer. docs/FORMAT.md lists the checks.
 """
 
+import dataclasses
 import json
 import math
 import re
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Any, Optional
+
+from mlx_lm.utils import _get_classes
 
 from ..errors import IFPError
 from .families import FAMILIES
@@ -34,23 +38,8 @@ MAX_SIZES = {  # far above any released model, low enough that nothing built fro
     "sliding_window_pattern": 1024,
 }
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-# Fields a family's model class has no default for (gemma3_text has one for each).
-FAMILY_REQUIRED = {
-    "llama": ("rms_norm_eps",),
-    "mistral": ("rms_norm_eps",),
-    "qwen2": ("rms_norm_eps", "num_key_value_heads"),
-    "qwen3": ("rms_norm_eps", "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings"),
-    "gemma3_text": (),
-}
-# Fields each family's model class takes null for absent; any other null is refused.
-NULLABLE = ("rope_scaling", "rope_parameters", "eos_token_id", "quantization", "text_config")
-FAMILY_NULLABLE = {
-    "llama": ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "layer_types"),
-    "mistral": ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "layer_types"),
-    "qwen2": ("head_dim",),  # derived from hidden_size, whatever it says
-    "qwen3": ("rope_theta",),  # then rope_parameters.rope_theta
-    "gemma3_text": (),
-}
+# What ifp reads itself, whatever the family's model class reads; null is absent for these.
+IFP_READS = REQUIRED + ("max_position_embeddings", "eos_token_id", "quantization", "text_config")
 MAX_NUMBERS = {"rms_norm_eps": 1.0, "rope_theta": 1e12, "rope_local_base_freq": 1e12, "query_pre_attn_scalar": 1e6}
 BOOLEANS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "rope_traditional")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "su")
@@ -82,10 +71,13 @@ def parse_config(config_file: Path) -> dict:
 
 
 def check_config(config: dict, where: Path) -> None:
-    """Every field the model classes and ifp read, in range and consistent; ``where`` names the file."""
+    """Every field the family's model class, the tokenizer and ifp read, in range and
+    consistent; the fields the class does not read are left to it. ``where`` names the file."""
     fields = _Fields(config, where)
     fields.model_type()
-    for name in REQUIRED + FAMILY_REQUIRED[config["model_type"]]:
+    fields.names("architectures")
+    fields.defaults = _class_fields(config)
+    for name in REQUIRED + tuple(n for n, d in fields.defaults.items() if d is MISSING):
         fields.present(name)
     for name in MAX_SIZES:
         fields.size(name)
@@ -100,18 +92,34 @@ def check_config(config: dict, where: Path) -> None:
         fields.positive_in("rope_parameters", "rope_theta")
     fields.layer_types()
     fields.mapping("text_config")
-    fields.names("architectures")
     fields.token_ids("eos_token_id")
     _check_ifp(fields)
 
 
-def head_dim(config: dict) -> int:
-    """The attention head size the model class will use (qwen2 always derives it)."""
-    if config.get("head_dim") and config["model_type"] != "qwen2":
-        return config["head_dim"]
-    if config["model_type"] == "gemma3_text":
-        return 256  # mlx-lm's default for the family
-    return config["hidden_size"] // config["num_attention_heads"]
+def model_args(config: dict, where: Path) -> Any:
+    """The family's ModelArgs of a checked config (a dataclass: nothing is built yet)."""
+    try:
+        _, args_class = _get_classes(config)
+        return args_class.from_dict(config)
+    except (ValueError, TypeError, KeyError) as e:  # a combination the checks do not cover
+        raise ConfigError(f"{where}: config.json is not a {config['model_type']} config: {error_line(e)}") from None
+
+
+def _class_fields(config: dict) -> dict[str, Any]:
+    """The fields the family's ModelArgs reads: their defaults, MISSING for required ones."""
+    _, args_class = _get_classes(config)
+    return {
+        f.name: f.default if f.default_factory is MISSING else f.default_factory()
+        for f in dataclasses.fields(args_class)
+    }
+
+
+def head_dim(args: Any) -> int:
+    """The attention head size the model class uses (qwen2 always derives it)."""
+    dim = getattr(args, "head_dim", None)
+    if dim and args.model_type != "qwen2":
+        return dim
+    return args.hidden_size // args.num_attention_heads
 
 
 def check_against_weights(config: dict, path: Path) -> None:
@@ -131,7 +139,8 @@ def check_against_weights(config: dict, path: Path) -> None:
     embed = "model.embed_tokens"
     packed = width if f"{embed}.scales" in shapes else config["hidden_size"]
     _expect(path, ifp["weights"], shapes, f"{embed}.weight", (config["vocab_size"], packed), "vocab_size and hidden_size")
-    heads, kv_heads, dim = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"], head_dim(config)
+    args = model_args(config, path / "config.json")
+    heads, kv_heads, dim = args.num_attention_heads, args.num_key_value_heads, head_dim(args)
     for proj, rows, fields in (("q_proj", heads * dim, "num_attention_heads x head_dim"), ("k_proj", kv_heads * dim, "num_key_value_heads x head_dim")):
         name = f"model.layers.0.self_attn.{proj}.weight"
         _expect(path, ifp["weights"], shapes, name, (rows,) + shapes.get(name, (None, None))[1:], fields)
@@ -230,6 +239,7 @@ class _Fields:
 
     def __init__(self, config: dict, where: Path, prefix: str = ""):
         self.config, self.where, self.prefix = config, where, prefix
+        self.defaults: dict[str, Any] = {}  # the fields the model class reads, and their defaults
 
     def fail(self, name: str, problem: str) -> ConfigError:
         return ConfigError(f"{self.where}: {self.prefix}{name} {problem}")
@@ -240,9 +250,10 @@ class _Fields:
             raise self.fail("model_type", f"is {_show(value)}: supported families are {', '.join(sorted(FAMILIES))}")
 
     def absent(self, name: str) -> bool:
-        """Not there, or null where the model classes take null for absent."""
-        nullable = name in NULLABLE or name in FAMILY_NULLABLE[self.config["model_type"]]
-        return name not in self.config or (self.config[name] is None and nullable)
+        """Unread, not there, or null where its reader takes null for absent (its default is null)."""
+        if name not in self.defaults and name not in IFP_READS:
+            return True  # the model class never reads it
+        return name not in self.config or (self.config[name] is None and self.defaults.get(name) is None)
 
     def present(self, name: str) -> None:
         if name not in self.config:
@@ -296,20 +307,21 @@ class _Fields:
         """Query heads split evenly over key/value heads, and over the hidden size when
         the head size is derived from it."""
         heads, kv = self.config["num_attention_heads"], self.config.get("num_key_value_heads")
-        family = self.config["model_type"]
         if kv is not None and heads % kv:
             raise self.fail("num_key_value_heads", f"({kv}) does not divide num_attention_heads ({heads})")
-        dim = self.config.get("head_dim")
-        if dim and family != "qwen2" and dim % 2:
+        dim = None if self.absent("head_dim") else self.config["head_dim"]
+        if dim and dim % 2:
             raise self.fail("head_dim", f"is {dim}: rotary embeddings need an even head size")
-        pattern = self.config.get("sliding_window_pattern", 6)  # mlx-lm's default for gemma3_text
-        if family == "gemma3_text" and pattern > self.config["num_hidden_layers"]:
+        pattern = self.config.get("sliding_window_pattern", self.defaults.get("sliding_window_pattern"))
+        if "sliding_window_pattern" in self.defaults and pattern > self.config["num_hidden_layers"]:
             raise self.fail("sliding_window_pattern", f"({pattern}) is above num_hidden_layers ({self.config['num_hidden_layers']})")
-        derived = self.config["model_type"] == "qwen2" or (self.config["model_type"] in ("llama", "mistral") and not self.config.get("head_dim"))
+        derived = "head_dim" not in self.defaults or (self.defaults["head_dim"] is None and not dim)
         if derived and self.config["hidden_size"] % heads:
             raise self.fail("num_attention_heads", f"({heads}) does not divide hidden_size ({self.config['hidden_size']})")
 
     def rope_scaling(self, name: str) -> None:
+        if self.absent(name):
+            return
         scaling = self.mapping(name)
         kind = scaling.get("type") or scaling.get("rope_type", "default")
         if scaling and kind not in ROPE_TYPES:
@@ -322,9 +334,9 @@ class _Fields:
             raise self.fail(f"{name}.factor", f"is {_show(factor)}: a {kind} rope needs a number above 0")
 
     def layer_types(self) -> None:
-        value = self.config.get("layer_types")
-        if value is None:
+        if self.absent("layer_types"):
             return
+        value = self.config["layer_types"]
         layers = self.config["num_hidden_layers"]
         if not isinstance(value, list) or len(value) != layers or any(v not in LAYER_TYPES for v in value):
             raise self.fail("layer_types", f"must list {layers} of {', '.join(LAYER_TYPES)}")

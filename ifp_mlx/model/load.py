@@ -22,7 +22,7 @@ from ..errors import IFPError
 from .bank import Bank, CompactFFN, dense_ffn
 from .adapter import Adapter
 from .bank_file import BankFile
-from .config_check import ConfigError, check_against_weights, check_config, error_line, parse_config
+from .config_check import ConfigError, check_against_weights, check_config, error_line, model_args, parse_config
 from .families import family_for
 from .ffn import CompactMLP
 
@@ -203,9 +203,10 @@ def load(path: str | Path, dense: bool = True, low_memory: bool = False) -> Load
 def _build(config: dict, path: Path) -> nn.Module:
     """mlx-lm's model for a checked config. The checks cover every field the
     families read; a combination they miss still fails here as one line."""
+    args = model_args(config, path / "config.json")
+    model_class, _ = _get_classes(config)
     try:
-        model_class, args_class = _get_classes(config)
-        return model_class(args_class.from_dict(config))
+        return model_class(args)
     except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, OverflowError) as e:
         raise ConfigError(f"{path}: config.json does not build a {config['model_type']} model: {error_line(e)}") from None
 
