@@ -60,11 +60,13 @@ def start_convert(src: Path, out: Path) -> subprocess.Popen:
     return child
 
 
-def test_sigterm_mid_convert_leaves_nothing(big_hf, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name)
+def test_a_signal_mid_convert_leaves_nothing(big_hf, tmp_path, sig):
+    """SIGTERM as ``timeout`` and CI send, SIGHUP as a closed terminal, Ctrl+C."""
     child = start_convert(big_hf, tmp_path / "out")
-    child.send_signal(signal.SIGTERM)
+    child.send_signal(sig)
     _, stderr = child.communicate(timeout=WAIT_S)
-    assert child.returncode == 128 + signal.SIGTERM, stderr
+    assert child.returncode == 128 + sig, stderr
     assert "Traceback" not in stderr, stderr
     assert sorted(tmp_path.iterdir()) == []
 
