@@ -167,3 +167,14 @@ def test_a_disk_that_fills_while_writing_is_one_line_and_leaves_nothing(small_hf
     line = one_line_error(result)
     assert f"could not write {tmp_path / 'disk' / 'out'}: no space left on device (it needs about" in line, line
     assert left == []
+
+
+def test_a_file_size_limit_is_one_line_and_leaves_nothing(small_hf, tmp_path):
+    """EFBIG (a filesystem's or ``ulimit -f``'s largest file) while writing the bank."""
+    result = subprocess.run(
+        ["sh", "-c", 'ulimit -f 2048 && exec "$0" convert "$1" "$2"', IFP, str(small_hf), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=WAIT_S,
+    )
+    line = one_line_error(result)
+    assert f"could not write {tmp_path / 'out'}: file too large" in line, line
+    assert sorted(tmp_path.iterdir()) == []
