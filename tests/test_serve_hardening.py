@@ -265,8 +265,9 @@ def test_stalled_clients_are_dropped_and_never_lock_out_the_others(server):
 
 
 async def holding_app(scope, receive, send):
-    """An ASGI app that keeps each request until the test releases it (``gate``), or, for
-    /flood, streams far more than any socket buffer holds (``flooded`` is set when it ends)."""
+    """An ASGI app that keeps each request until the test releases it (``gate``), but answers
+    /quick at once and, for /flood, streams far more than any socket buffer holds (``flooded``
+    is set when it ends)."""
     if scope["type"] == "lifespan":
         for reply in ("lifespan.startup.complete", "lifespan.shutdown.complete"):
             await receive()
@@ -278,8 +279,9 @@ async def holding_app(scope, receive, send):
             await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": True})
         holding_app.flooded.set()
         return await send({"type": "http.response.body", "body": b""})
-    holding_app.arrived.release()
-    await holding_app.gate.wait()
+    if scope["path"] != "/quick":
+        holding_app.arrived.release()
+        await holding_app.gate.wait()
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), (b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"{}"})
 
@@ -327,6 +329,22 @@ def test_at_the_limit_with_every_connection_busy_a_new_one_gets_503_with_retry_a
         assert [read_response(s)[0] for s in busy] == [200, 200]
         for s in busy:
             s.close()
+
+
+def test_a_kept_alive_connection_makes_room_silently():
+    """At the limit, a connection kept alive after its reply is closed to make room without
+    an answer: a client reusing it must not read an error as its next reply."""
+    guard = ConnectionGuard(max_connections=1, request_timeout=30)
+    quick = b"GET /quick HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with guarded_server(guard) as (port, loop):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as kept:
+            kept.sendall(quick)
+            assert read_response(kept)[0] == 200
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as newcomer:
+                newcomer.sendall(quick)
+                assert read_response(newcomer)[0] == 200
+                assert kept.recv(65536) == b""  # closed, with nothing sent
+            assert guard.counts()["evicted"] == 1
 
 
 def test_a_reply_the_client_stops_reading_is_cut_off():

@@ -204,15 +204,22 @@ class GuardedH11Protocol(H11Protocol):
         self.drop(408, f"the request did not arrive whole within {self.guard.request_timeout:g} s")
 
     def drop(self, status: int, message: str) -> None:
-        """Answer ``status`` with a JSON error, unless a reply has begun, and close the connection."""
+        """Answer ``status`` with a JSON error and close the connection.
+
+        No answer when a reply has begun (it is cut short), nor on a connection
+        kept alive with nothing of a next request sent: it closes silently, as
+        on its keep-alive timeout, so a client reusing it at that moment never
+        takes the error for its next request's answer.
+        """
         self._stop_deadline()
         if self.transport.is_closing():
             return
         cycle = self.cycle
-        if cycle is None or cycle.response_complete or not cycle.response_started:
-            if cycle is not None and not cycle.response_complete:
-                cycle.disconnected = True  # the handler waiting for the body sees a disconnect, and sends nothing
-                cycle.message_event.set()
+        answering = cycle is not None and cycle.response_started and not cycle.response_complete
+        if cycle is not None and not cycle.response_started:
+            cycle.disconnected = True  # the handler waiting for the body sees a disconnect, and sends nothing
+            cycle.message_event.set()
+        if not answering and not self._kept:
             self.transport.write(raw_response(status, message))
         self.transport.close()
 
