@@ -56,7 +56,7 @@ def temporary_folder(target: Path) -> Iterator[Path]:
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            lock = _lock(tmp)
+            lock, _ = _lock(tmp)
             yield tmp
         except BaseException:
             with _STOP.deferred():  # a second SIGTERM does not cut the cleanup short
@@ -96,28 +96,31 @@ def _abandoned(folder: Path, pid: int, by_age: bool = True) -> bool:
     process since; a live owner took the lock moments after making the folder)."""
     if pid == os.getpid():
         return False
-    fd = _lock(folder)
-    if fd is None:
+    fd, held = _lock(folder)
+    if held:
         return False
-    os.close(fd)
+    if fd is None:
+        by_age = False  # a filesystem without locks: the lock proves nothing, the PID must
+    else:
+        os.close(fd)
     if not _alive(pid):
         return True
     return by_age and time.time() - folder.stat().st_mtime > STALE_S
 
 
-def _lock(folder: Path) -> Optional[int]:
-    """An fd holding an exclusive ``flock`` on ``folder``; None if another process holds
-    it, or the filesystem has no locks (then it proves nothing either way)."""
+def _lock(folder: Path) -> tuple[Optional[int], bool]:
+    """(an fd holding an exclusive ``flock`` on ``folder``, or None; whether another
+    process holds it). No fd and not held: the filesystem has no locks."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
-        return None
+        return None, False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
         os.close(fd)
-        return None
-    return fd
+        return None, e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    return fd, False
 
 
 def _alive(pid: int) -> bool:

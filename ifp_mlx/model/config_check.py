@@ -162,7 +162,7 @@ def _check_bank(config: dict, path: Path, width: int) -> None:
     dtype = header["bank.weight"].get("dtype")
     want = "U32" if quant else FLOAT_DTYPES[ifp["dtype"]]
     if dtype != want:
-        raise ConfigError(f"{path}: config.json ifp.dtype is {ifp['dtype']}, {ifp['bank']['file']} holds {str(dtype)[:16]}")
+        raise ConfigError(f"{path}: config.json ifp.dtype is {ifp['dtype']}, {ifp['bank']['file']} holds {_show(dtype)}")
 
 
 def _packed(hidden: int, quant: Optional[dict]) -> int:
@@ -172,7 +172,7 @@ def _packed(hidden: int, quant: Optional[dict]) -> int:
 def _shape(file: Path, name: str, entry: Any) -> tuple[int, ...]:
     shape = entry.get("shape") if isinstance(entry, dict) else None
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise ConfigError(f"{file}: tensor {name[:80]} has a malformed shape")
+        raise ConfigError(f"{file}: tensor {_show(name)} has a malformed shape")
     return tuple(shape)
 
 
