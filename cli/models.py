@@ -62,7 +62,7 @@ def cached_row(path: Path) -> tuple[str, ...]:
         ifp = read_config(path)["ifp"]
     except IFPError:
         return (path.name, "?", "?", "?", size, f"{path} (config.json refused)")
-    quant = ifp["quantization"]
+    quant = ifp.get("quantization")
     return (
         path.name, ifp["dtype"], f"{quant['bits']}-bit g{quant['group_size']}" if quant else "-",
         f"{ifp.get('parameters', 0) / 1e6:.0f}M", size, str(path),
