@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import pytest
@@ -29,6 +30,7 @@ from fuzzing import CASE_LIMIT_S, CASES, HANG_S, SEED, _deadline, _Hang, mutate
 from ifp_mlx.convert import ConvertOptions, convert
 from ifp_mlx.errors import IFPError
 from ifp_mlx.model.load import load
+from ifp_mlx.select.predictor import create_predictor, load_predictor, save_predictor
 from tiny import write_hf_folder
 
 CONFIG_CASES = max(1, CASES // 5)
@@ -55,11 +57,11 @@ def _paths(value, prefix: tuple = ()) -> list[tuple]:
     return found
 
 
-def _field_variant(rng: random.Random, config: dict) -> tuple[dict, str]:
+def _field_variant(rng: random.Random, config: dict, added: list[str]) -> tuple[dict, str]:
     """One field of ``config`` (at any depth) set to junk, nudged, scaled or removed, or
-    a field some family reads added with a junk value."""
+    a field of ``added`` (some reader reads it; the seed may lack it) added with a junk value."""
     if rng.random() < 0.15:
-        key, value = rng.choice(ADDED), rng.choice(JUNK)
+        key, value = rng.choice(added), rng.choice(JUNK)
         config[key] = value
         return config, f"add {key}={json.dumps(value)[:60]}"
     path = rng.choice(_paths(config))
@@ -78,12 +80,12 @@ def _field_variant(rng: random.Random, config: dict) -> tuple[dict, str]:
     return config, f"{'.'.join(path)}={json.dumps(parent[key])[:60]}"
 
 
-def _config_case(rng: random.Random, seed: bytes) -> tuple[bytes, list[str]]:
+def _config_case(rng: random.Random, seed: bytes, added: list[str]) -> tuple[bytes, list[str]]:
     roll = rng.random()
     if roll < 0.6:
         config, steps = json.loads(seed), []
         for _ in range(rng.choice([1, 1, 1, 2, 3])):
-            config, step = _field_variant(rng, config)
+            config, step = _field_variant(rng, config, added)
             steps.append(step)
         return json.dumps(config).encode(), steps
     if roll < 0.95:
@@ -100,10 +102,19 @@ def _config_case(rng: random.Random, seed: bytes) -> tuple[bytes, list[str]]:
 
 def _check(folder: Path) -> str:
     """"works" or "refused"; anything else raises and is reported as a bug."""
+
+    def run() -> None:
+        loaded = load(folder)
+        mx.eval(loaded.model(mx.array([[1, 2, 3]])))
+
+    return _outcome(folder, run)
+
+
+def _outcome(folder: Path, run: Callable[[], None]) -> str:
+    """"works" when ``run`` returns, "refused" on a one-line IFPError naming ``folder``."""
     try:
         with _deadline(HANG_S):
-            loaded = load(folder)
-            mx.eval(loaded.model(mx.array([[1, 2, 3]])))
+            run()
     except IFPError as e:
         message = str(e)
         assert "\n" not in message and str(folder) in message, f"badly formed error: {message[:300]!r}"
@@ -111,16 +122,17 @@ def _check(folder: Path) -> str:
     return "works"
 
 
-def _fuzz(folder: Path, seed: bytes, label: str, cases: int) -> list[str]:
+def _fuzz(folder: Path, seed: bytes, label: str, cases: int, check: Callable[[Path], str] = _check,
+          added: list[str] = ADDED) -> list[str]:
     failures, outcomes = [], {"works": 0, "refused": 0}
     config_file = folder / "config.json"
     for i in range(cases):
         rng = random.Random(f"{SEED}:{label}:{i}")
-        data, steps = _config_case(rng, seed)
+        data, steps = _config_case(rng, seed, added)
         config_file.write_bytes(data)
         start = time.process_time()
         try:
-            outcomes[_check(folder)] += 1
+            outcomes[check(folder)] += 1
         except _Hang:
             failures.append(f"case {i} {steps}: still running after {HANG_S:.0f} s")
             continue
@@ -156,7 +168,10 @@ def test_fuzz_config(tiny_models, name):
     folder = tiny_models[name]
     seed = (folder / "config.json").read_bytes()
     assert _check(folder) == "works"  # the untouched folder loads (and warms up MLX)
-    failures = _fuzz(folder, seed, name, CONFIG_CASES)
+    _assert_none_failed(_fuzz(folder, seed, name, CONFIG_CASES))
+
+
+def _assert_none_failed(failures: list[str]) -> None:
     kinds: dict[str, list[str]] = {}
     for line in failures:
         kinds.setdefault(line.split(": ", 1)[1][:40], []).append(line)
@@ -311,3 +326,64 @@ def test_the_fields_of_released_configs_are_accepted(tmp_path, family):
     _tampered(tmp_path / "hf", lambda config: config.update(REAL_WORLD_FIELDS[family]))
     convert(tmp_path / "hf", tmp_path / "out")
     assert _check(tmp_path / "out") == "works"
+
+
+# ---------------------------------------------------------------------------
+# A predictor folder's config.json: the same property, through load_predictor
+# ---------------------------------------------------------------------------
+
+PREDICTOR_ADDED = ["head_hidden", "activation", "bias", "feature_norm", "window", "adapter", "keep"]
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor(tiny_models, tmp_path_factory) -> tuple[Path, object]:
+    """A fresh predictor (shared:1 backbone, an 8-wide head) saved for the tiny llama."""
+    loaded = load(tiny_models["llama"])
+    folder = tmp_path_factory.mktemp("predictor") / "p"
+    save_predictor(folder, create_predictor(loaded, "shared:1", head_hidden=8), loaded.config, keep=0.5)
+    return folder, loaded
+
+
+def _check_predictor(loaded) -> Callable[[Path], str]:
+    def check(folder: Path) -> str:
+        def run() -> None:
+            predictor, _ = load_predictor(folder, loaded)
+            mx.eval(predictor.select([[1, 2, 3]], 8))
+
+        return _outcome(folder, run)
+
+    return check
+
+
+def test_fuzz_predictor_config(tiny_predictor):
+    folder, loaded = tiny_predictor
+    seed = (folder / "config.json").read_bytes()
+    check = _check_predictor(loaded)
+    assert check(folder) == "works"
+    _assert_none_failed(_fuzz(folder, seed, "predictor", CONFIG_CASES, check, PREDICTOR_ADDED))
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (_set(hidden_size="576"), 'hidden_size is "576"'),
+        (_set(head_hidden=-5), "head_hidden is -5"),
+        (_set(bias=3), "bias is 3"),
+        (_set(target=None), "target is null"),
+        (_set(target__d_ff=-1), "target.d_ff is -1"),
+        (_set(target__probe=["x"]), "target.probe"),
+        (_set(backbone=4), "backbone is 4"),
+        (_set(window=1), "window is 1"),
+        (_set(adapter={"file": "adapter.safetensors", "keep": 7}), "adapter.keep is 7"),
+    ],
+)
+def test_a_tampered_predictor_config_is_one_line_naming_the_field(tiny_predictor, tmp_path, edit, fragment):
+    source, loaded = tiny_predictor
+    folder = tmp_path / "p"
+    folder.mkdir()
+    for f in source.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    _tampered(folder, edit)
+    with pytest.raises(IFPError) as e:
+        load_predictor(folder, loaded)
+    assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)

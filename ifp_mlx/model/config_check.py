@@ -47,6 +47,7 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 QUANT_BITS, QUANT_GROUPS = (2, 3, 4, 5, 6, 8), (32, 64, 128)
 ACTIVATIONS = ("silu", "gelu_approx")
+MAX_PROBE = 64  # a fingerprint's probe values (the converter writes fewer)
 LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -73,7 +74,7 @@ def parse_config(config_file: Path) -> dict:
 def check_config(config: dict, where: Path) -> None:
     """Every field the family's model class, the tokenizer and ifp read, in range and
     consistent; the fields the class does not read are left to it. ``where`` names the file."""
-    fields = _Fields(config, where)
+    fields = Fields(config, where)
     fields.model_type()
     fields.names("architectures")
     fields.defaults = _class_fields(config)
@@ -162,7 +163,7 @@ def _check_bank(config: dict, path: Path, width: int) -> None:
     dtype = header["bank.weight"].get("dtype")
     want = "U32" if quant else FLOAT_DTYPES[ifp["dtype"]]
     if dtype != want:
-        raise ConfigError(f"{path}: config.json ifp.dtype is {ifp['dtype']}, {ifp['bank']['file']} holds {_show(dtype)}")
+        raise ConfigError(f"{path}: config.json ifp.dtype is {ifp['dtype']}, {ifp['bank']['file']} holds {show_value(dtype)}")
 
 
 def _packed(hidden: int, quant: Optional[dict]) -> int:
@@ -172,7 +173,7 @@ def _packed(hidden: int, quant: Optional[dict]) -> int:
 def _shape(file: Path, name: str, entry: Any) -> tuple[int, ...]:
     shape = entry.get("shape") if isinstance(entry, dict) else None
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise ConfigError(f"{file}: tensor {_show(name)} has a malformed shape")
+        raise ConfigError(f"{file}: tensor {show_value(name)} has a malformed shape")
     return tuple(shape)
 
 
@@ -189,14 +190,14 @@ def error_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
-def _check_ifp(fields: "_Fields") -> None:
+def _check_ifp(fields: "Fields") -> None:
     """The ``ifp`` block the converter wrote: file names inside the folder, the bank's
     sizes equal to the model's, a dtype and quantization the loader knows."""
     ifp = fields.mapping("ifp", required=True)
-    sub = _Fields(ifp, fields.where, "ifp.")
+    sub = Fields(ifp, fields.where, "ifp.")
     version = ifp.get("format_version")
     if version != 1 or type(version) is not int:
-        raise ConfigError(f"{fields.where}: ifp.format_version must be 1, not {_show(version)}")
+        raise ConfigError(f"{fields.where}: ifp.format_version must be 1, not {show_value(version)}")
     sub.file_name("weights")
     sub.choice("dtype", tuple(FLOAT_DTYPES))
     sub.choice("activation", ACTIVATIONS)
@@ -205,17 +206,15 @@ def _check_ifp(fields: "_Fields") -> None:
     if top != quant:
         raise ConfigError(f"{fields.where}: quantization and ifp.quantization disagree")
     bank = sub.mapping("bank", required=True)
-    banks = _Fields(bank, fields.where, "ifp.bank.")
+    banks = Fields(bank, fields.where, "ifp.bank.")
     banks.file_name("file")
     for key, model_key in (("num_layers", "num_hidden_layers"), ("d_ff", "intermediate_size"), ("hidden_size", "hidden_size")):
         if bank.get(key) != fields.config[model_key] or type(bank.get(key)) is not int:
-            raise ConfigError(f"{fields.where}: ifp.bank.{key} is {_show(bank.get(key))}, {model_key} is {fields.config[model_key]}")
+            raise ConfigError(f"{fields.where}: ifp.bank.{key} is {show_value(bank.get(key))}, {model_key} is {fields.config[model_key]}")
     if quant and fields.config["hidden_size"] % quant["group_size"]:
         raise ConfigError(f"{fields.where}: hidden_size is not a multiple of quantization.group_size")
     sub.count("parameters")
-    probe = ifp.get("probe")
-    if probe is not None and not (isinstance(probe, list) and len(probe) <= 64 and all(_is_number(v) for v in probe)):
-        raise ConfigError(f"{fields.where}: ifp.probe must be a short list of numbers")
+    sub.numbers("probe", MAX_PROBE)
 
 
 def _is_number(value: Any) -> bool:
@@ -225,7 +224,7 @@ def _is_number(value: Any) -> bool:
     return type(value) is float and math.isfinite(value)
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
     """A short rendering of a JSON value for a one-line message."""
     try:
         text = json.dumps(value)
@@ -234,7 +233,7 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-class _Fields:
+class Fields:
     """Checks of one JSON object's fields; each failure names ``prefix + field``."""
 
     def __init__(self, config: dict, where: Path, prefix: str = ""):
@@ -247,7 +246,7 @@ class _Fields:
     def model_type(self) -> None:
         value = self.config.get("model_type")
         if not isinstance(value, str) or value not in FAMILIES:
-            raise self.fail("model_type", f"is {_show(value)}: supported families are {', '.join(sorted(FAMILIES))}")
+            raise self.fail("model_type", f"is {show_value(value)}: supported families are {', '.join(sorted(FAMILIES))}")
 
     def absent(self, name: str) -> bool:
         """Unread, not there, or null where its reader takes null for absent (its default is null)."""
@@ -263,45 +262,64 @@ class _Fields:
         value = self.config.get(name)
         limit = MAX_SIZES[name]
         if not self.absent(name) and (type(value) is not int or not 1 <= value <= limit):
-            raise self.fail(name, f"is {_show(value)}: it must be a whole number from 1 to {limit}")
+            raise self.fail(name, f"is {show_value(value)}: it must be a whole number from 1 to {limit}")
+
+    def whole(self, name: str, low: int, high: int) -> int:
+        """A whole number from ``low`` to ``high`` that must be there."""
+        value = self.config.get(name)
+        if type(value) is not int or not low <= value <= high:
+            raise self.fail(name, f"is {show_value(value)}: it must be a whole number from {low} to {high}")
+        return value
+
+    def fraction(self, name: str) -> None:
+        """A number in (0, 1], when present."""
+        value = self.config.get(name)
+        if value is not None and not (_is_number(value) and 0 < value <= 1):
+            raise self.fail(name, f"is {show_value(value)}: it must be a number above 0, at most 1")
+
+    def numbers(self, name: str, most: int) -> None:
+        """A list of at most ``most`` finite numbers, when present."""
+        value = self.config.get(name)
+        if value is not None and not (isinstance(value, list) and len(value) <= most and all(_is_number(v) for v in value)):
+            raise self.fail(name, f"must be a list of at most {most} numbers")
 
     def count(self, name: str) -> None:
         value = self.config.get(name)
         if value is not None and (type(value) is not int or value < 0):
-            raise self.fail(name, f"is {_show(value)}: it must be a whole number")
+            raise self.fail(name, f"is {show_value(value)}: it must be a whole number")
 
     def positive(self, name: str) -> None:
         value, limit = self.config.get(name), MAX_NUMBERS[name]
         if not self.absent(name) and not (_is_number(value) and 0 < value <= limit):
-            raise self.fail(name, f"is {_show(value)}: it must be a number above 0, at most {limit:g}")
+            raise self.fail(name, f"is {show_value(value)}: it must be a number above 0, at most {limit:g}")
 
     def positive_in(self, block: str, name: str) -> None:
-        _Fields(self.mapping(block), self.where, f"{self.prefix}{block}.").positive(name)
+        Fields(self.mapping(block), self.where, f"{self.prefix}{block}.").positive(name)
         if (self.config.get(block) or {}).get(name) is None:
             raise self.fail("rope_theta", f"is missing (nor is there a {block}.{name})")
 
     def boolean(self, name: str) -> None:
         value = self.config.get(name)
         if not self.absent(name) and not isinstance(value, bool):
-            raise self.fail(name, f"is {_show(value)}: it must be true or false")
+            raise self.fail(name, f"is {show_value(value)}: it must be true or false")
 
     def choice(self, name: str, allowed: tuple) -> None:
         value = self.config.get(name)
         if value not in allowed or not isinstance(value, str):
-            raise self.fail(name, f"is {_show(value)}: it must be one of {', '.join(allowed)}")
+            raise self.fail(name, f"is {show_value(value)}: it must be one of {', '.join(allowed)}")
 
     def mapping(self, name: str, required: bool = False) -> dict:
         value = self.config.get(name)
         if not isinstance(value, dict) and (required or value is not None):
-            raise self.fail(name, f"is {_show(value)}: it must be a JSON object")
+            raise self.fail(name, f"is {show_value(value)}: it must be a JSON object")
         return value or {}
 
     def file_name(self, name: str) -> None:
         value = self.config.get(name)
         if not isinstance(value, str) or value in ("", ".", "..") or "/" in value or "\\" in value or "\0" in value:
-            raise self.fail(name, f"is {_show(value)}: it must be a file name in the model folder")
+            raise self.fail(name, f"is {show_value(value)}: it must be a file name in the model folder")
         if not (self.where.parent / value).is_file():
-            raise self.fail(name, f"names {_show(value)}, which is not in the model folder")
+            raise self.fail(name, f"names {show_value(value)}, which is not in the model folder")
 
     def heads(self) -> None:
         """Query heads split evenly over key/value heads, and over the hidden size when
@@ -325,13 +343,13 @@ class _Fields:
         scaling = self.mapping(name)
         kind = scaling.get("type") or scaling.get("rope_type", "default")
         if scaling and kind not in ROPE_TYPES:
-            raise self.fail(name, f"has rope type {_show(kind)}: supported are {', '.join(ROPE_TYPES)}")
+            raise self.fail(name, f"has rope type {show_value(kind)}: supported are {', '.join(ROPE_TYPES)}")
         for key, value in scaling.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and not _is_number(value):
-                raise self.fail(f"{name}.{key}", f"is {_show(value)}: it must be a finite number")
+                raise self.fail(f"{name}.{key}", f"is {show_value(value)}: it must be a finite number")
         factor = scaling.get("factor")
         if kind in ("linear", "dynamic", "yarn", "llama3") and not (_is_number(factor) and factor > 0):
-            raise self.fail(f"{name}.factor", f"is {_show(factor)}: a {kind} rope needs a number above 0")
+            raise self.fail(f"{name}.factor", f"is {show_value(factor)}: a {kind} rope needs a number above 0")
 
     def layer_types(self) -> None:
         if self.absent("layer_types"):
@@ -346,7 +364,7 @@ class _Fields:
     def names(self, name: str) -> None:
         value = self.config.get(name)
         if value is not None and not (isinstance(value, list) and len(value) <= 16 and all(isinstance(v, str) for v in value)):
-            raise self.fail(name, f"is {_show(value)}: it must be a list of class names")
+            raise self.fail(name, f"is {show_value(value)}: it must be a list of class names")
 
     def token_ids(self, name: str) -> None:
         value = self.config.get(name)
@@ -354,14 +372,14 @@ class _Fields:
         vocab = self.config["vocab_size"]
         if value is None or (len(ids) <= 1024 and all(type(i) is int and 0 <= i < vocab for i in ids)):
             return
-        raise self.fail(name, f"is {_show(value)}: it must be a token id (or a list of them) below vocab_size {vocab}")
+        raise self.fail(name, f"is {show_value(value)}: it must be a token id (or a list of them) below vocab_size {vocab}")
 
     def quantization(self, name: str) -> Optional[dict]:
         quant = self.mapping(name)
         if not quant:
             return None
         if quant.get("bits") not in QUANT_BITS or type(quant.get("bits")) is not int:
-            raise self.fail(f"{name}.bits", f"is {_show(quant.get('bits'))}: use one of {QUANT_BITS}")
+            raise self.fail(f"{name}.bits", f"is {show_value(quant.get('bits'))}: use one of {QUANT_BITS}")
         if quant.get("group_size") not in QUANT_GROUPS or type(quant.get("group_size")) is not int:
-            raise self.fail(f"{name}.group_size", f"is {_show(quant.get('group_size'))}: use one of {QUANT_GROUPS}")
+            raise self.fail(f"{name}.group_size", f"is {show_value(quant.get('group_size'))}: use one of {QUANT_GROUPS}")
         return {"group_size": quant["group_size"], "bits": quant["bits"]}

@@ -41,7 +41,7 @@ def check_fingerprint(expected: dict, config: dict, what: str) -> None:
                 f"{what} was made for another model ({key} {expected.get(key)}, this model has {actual[key]})"
             )
     probe, ours = expected.get("probe"), actual["probe"]
-    if probe and ours and not np.allclose(probe, ours, atol=PROBE_TOLERANCE * max(1e-3, float(np.abs(ours).max()))):
+    if probe and ours and (len(probe) != len(ours) or not np.allclose(probe, ours, atol=PROBE_TOLERANCE * max(1e-3, float(np.abs(ours).max())))):
         raise IFPError(f"{what} was made for another model (same shapes, different weights)")
 
 

@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import IFPError
+from .config_check import MAX_PROBE, MAX_SIZES, Fields, parse_config, show_value
 from .masks import model_fingerprint
 
 FORMAT_VERSION = 1
@@ -97,19 +98,54 @@ class PredictorHead(nn.Module):
 
 
 def read_predictor_config(path: Path) -> dict:
+    """A predictor folder's ``config.json``, every field checked (one line naming it)."""
     config_file = path / CONFIG_FILE
     if not path.is_dir() or not config_file.is_file():
         raise IFPError(f"{path} is not a predictor folder (no {CONFIG_FILE})")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise IFPError(f"{config_file}: invalid JSON")
-    missing = [key for key in ("target", "backbone", "hidden_size") if key not in config] if isinstance(config, dict) else ["target"]
+    config = parse_config(config_file)
+    missing = [key for key in ("target", "backbone", "hidden_size") if key not in config]
     if missing:
         raise IFPError(f"{path} is not a predictor folder (config.json has no {missing[0]})")
     if config.get("format_version") != FORMAT_VERSION:
         raise IFPError(f"{path}: predictor format_version {config.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+    check_predictor_config(config, config_file)
     return config
+
+
+def check_predictor_config(config: dict, where: Path) -> None:
+    """The head's sizes and settings, the target's fingerprint and the adapter block.
+
+    A predictor folder comes from anywhere, like a model folder: a string
+    where a size belongs, a negative width or a null target would otherwise
+    fail deep inside MLX with a traceback."""
+    fields = Fields(config, where)
+    if not isinstance(config["backbone"], str):
+        raise fields.fail("backbone", f"is {show_value(config['backbone'])}: use shared:N or a folder name")
+    fields.whole("hidden_size", 1, MAX_SIZES["hidden_size"])
+    if "head_hidden" in config:
+        fields.whole("head_hidden", 1, MAX_SIZES["hidden_size"])
+    for name, allowed in (("activation", tuple(ACTIVATIONS)), ("feature_norm", FEATURE_NORMS)):
+        if name in config:
+            fields.choice(name, allowed)
+    bias = config.get("bias", [True, True])
+    if not (isinstance(bias, list) and len(bias) == 2 and all(isinstance(b, bool) for b in bias)):
+        raise fields.fail("bias", f"is {show_value(bias)}: it must be two of true or false")
+    if "window" in config:
+        window = fields.whole("window", 0, MAX_SIZES["max_position_embeddings"])
+        if window == 1:
+            raise fields.fail("window", "is 1: use 0 (the whole prompt) or a number of tokens >= 2")
+    target = Fields(fields.mapping("target", required=True), where, "target.")
+    if not isinstance(target.config.get("model_type"), str):
+        raise target.fail("model_type", f"is {show_value(target.config.get('model_type'))}: it must be a family name")
+    for name, limit in (("num_layers", "num_hidden_layers"), ("d_ff", "intermediate_size"), ("hidden_size", "hidden_size")):
+        target.whole(name, 1, MAX_SIZES[limit])
+    target.numbers("probe", MAX_PROBE)
+    adapter = Fields(fields.mapping("adapter"), where, "adapter.")
+    if adapter.config:
+        adapter.fraction("keep")
+        scale = adapter.config.get("scale")
+        if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < 1e6):
+            raise adapter.fail("scale", f"is {show_value(scale)}: it must be a number above 0")
 
 
 def load_head(predictor: PredictorHead, weights: dict[str, mx.array], path: Path) -> None:

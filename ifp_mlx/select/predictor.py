@@ -144,7 +144,7 @@ def open_backbone(spec: str, loaded: LoadedModel, base: Path) -> Backbone:
     path = Path(spec)
     path = path if path.is_absolute() else base / path
     if not path.is_dir():
-        raise IFPError(f"{base}: predictor backbone folder {path.name} not found")
+        raise IFPError(f"predictor backbone folder {path.name} not found")
     return Backbone(load(path), shared=False)
 
 
@@ -311,7 +311,10 @@ def load_predictor(path: str | Path, loaded: LoadedModel) -> tuple[Predictor, di
         window=config.get("window", DEFAULT_WINDOW),
     )
     load_head(predictor, weights, weights_file)
-    predictor.backbone = open_backbone(config["backbone"], loaded, path)
+    try:
+        predictor.backbone = open_backbone(config["backbone"], loaded, path)
+    except IFPError as e:
+        raise IFPError(f"{path}: {e}") from None
     if predictor.backbone.hidden_size != predictor.hidden_size:
         raise IFPError(
             f"{path}: the head reads {predictor.hidden_size} features, the backbone gives {predictor.backbone.hidden_size}"
