@@ -25,6 +25,7 @@ import numpy as np
 from .. import __version__
 from ..files import atomic_folder, space_for
 from ..model.bank import channel_records
+from ..model.config_check import ConfigError, check_model_fields
 from ..model.families import UnsupportedFamily, family_for
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import ConversionError
@@ -78,6 +79,7 @@ def convert(
         raise ConversionError(f"{out} already exists (use --force to overwrite)")
     checkpoint = open_checkpoint(src, config_path)
     plan = _plan(checkpoint, options)
+    _check_source_config(checkpoint.config, Path(config_path) if config_path else _config_file(Path(src)))
     with space_for(out, _output_bytes(plan, options), ConversionError), atomic_folder(out, force=True) as tmp:
         tracker = _Progress(plan.total_bytes, progress)
         _write_weights(tmp / WEIGHTS_FILE, plan, options, tracker)
@@ -87,6 +89,21 @@ def convert(
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     written = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     return ConvertSummary(out, plan.parameters, written, time.perf_counter() - start, plan.dtype, plan.dtype_reason)
+
+
+def _config_file(src: Path) -> Path:
+    """Where a source's config comes from, for messages: a folder's config.json, else the file."""
+    return src / "config.json" if src.is_dir() else src
+
+
+def _check_source_config(config: dict, where: Path) -> None:
+    """The model fields a loader will check, checked before anything is written: a
+    folder that converts must load (zero heads or a string for a flag was written out,
+    then refused by every command)."""
+    try:
+        check_model_fields(config, where)
+    except ConfigError as e:
+        raise ConversionError(str(e)) from None
 
 
 @dataclass

@@ -172,6 +172,18 @@ def test_unknown_architecture(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("field, value", [("num_attention_heads", 0), ("tie_word_embeddings", "no"), ("eos_token_id", "x")])
+def test_a_source_config_that_would_not_load_is_refused_before_writing(tmp_path, field, value):
+    """What loading would refuse is refused by the converter, before a byte is written."""
+    write_hf_folder(tmp_path / "hf", "llama")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config[field] = value
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match=f"hf/config.json: {field} is"):
+        convert(tmp_path / "hf", tmp_path / "out")
+    assert leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
 def test_failure_midway_leaves_no_output(tmp_path):
     """A tensor whose data is cut off only shows when read: still no output folder."""
     write_hf_folder(tmp_path / "hf", "llama")

@@ -74,6 +74,12 @@ def parse_config(config_file: Path) -> dict:
 def check_config(config: dict, where: Path) -> None:
     """Every field the family's model class, the tokenizer and ifp read, in range and
     consistent; the fields the class does not read are left to it. ``where`` names the file."""
+    _check_ifp(check_model_fields(config, where))
+
+
+def check_model_fields(config: dict, where: Path) -> "Fields":
+    """The fields the family's model class and the tokenizer read (not the ``ifp``
+    block): what the converter checks in a source's config before writing anything."""
     fields = Fields(config, where)
     fields.model_type()
     fields.names("architectures")
@@ -94,7 +100,7 @@ def check_config(config: dict, where: Path) -> None:
     fields.layer_types()
     fields.mapping("text_config")
     fields.token_ids("eos_token_id")
-    _check_ifp(fields)
+    return fields
 
 
 def model_args(config: dict, where: Path) -> Any:
