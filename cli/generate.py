@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from ..errors import IFPError
+from ..text import decode_utf8
 from .app import app, err, resolve
 
 if TYPE_CHECKING:
@@ -114,14 +115,6 @@ def read_prompts(prompts: list[str]) -> list[str]:
     return texts
 
 
-def decode_utf8(data: bytes, source: str) -> str:
-    """Strictly decoded text; an IFPError naming the first bad byte and where it is."""
-    try:
-        return data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        raise IFPError(f"{source} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
-
-
 def check_text(text: str, name: str) -> str:
     """The text, unless it is empty or only whitespace: there is nothing to reply to."""
     if not text.strip():
@@ -135,6 +128,7 @@ def fitted_tokens(
     """The prompt's tokens, refused (or with ``truncate`` cut from the front) if they overflow the context."""
     from ..engine.prompts import (
         check_context,
+        check_length,
         context_length,
         fit_prompt,
         prompt_tokens,
@@ -142,6 +136,7 @@ def fitted_tokens(
 
     context = context_length(loaded.config)
     if not truncate:
+        check_length(loaded.tokenizer, text, max_tokens, context, what=name, hint=CONTEXT_HINT)
         tokens = prompt_tokens(loaded.tokenizer, text, system, chat_template=chat)
         check_context(tokens, max_tokens, context, what=name, hint=CONTEXT_HINT)
         return tokens

@@ -115,7 +115,10 @@ def test_ctrl_c_stops_a_reply_and_the_conversation_goes_on(chat):
     c.expect(PROMPT)
     after = c.say("Thanks.")  # the stopped reply stayed in the conversation, its KV cached
     assert int(after.group(4)) > int(stopped.group(3))
-    c.child.sendcontrol("c")  # at an empty prompt: quits
+    c.child.sendcontrol("c")  # at an empty prompt: says how to quit, and stays
+    c.expect(r"to quit: /quit or Ctrl\+D")
+    c.expect(PROMPT)
+    c.child.sendcontrol("d")
     assert c.exit_status() == 0
 
 

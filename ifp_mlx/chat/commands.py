@@ -4,6 +4,7 @@ A command that cannot run (unknown, a bad argument, an IFPError from the
 engine) says so in one line and the conversation goes on unchanged.
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,7 +33,7 @@ def help_(session: ChatSession, arg: str, term: Terminal) -> None:
     for command in COMMANDS.values():
         term.show(f"{command.usage:<{width}}  {command.help}")
     term.show(f"{'//text':<{width}}  send text that starts with '/' (one '/' is dropped)")
-    term.show("Ctrl+C stops a reply and keeps the conversation; Ctrl+C or Ctrl+D at an empty prompt quits.")
+    term.show("Ctrl+C stops a reply and keeps the conversation, or clears the line; Ctrl+D at an empty prompt quits.")
 
 
 def reset(session: ChatSession, arg: str, term: Terminal) -> None:
@@ -44,7 +45,9 @@ def keep(session: ChatSession, arg: str, term: Terminal) -> None:
     try:
         value = float(arg)
     except ValueError:
-        raise IFPError(f"/keep takes a fraction of channels in (0, 1], e.g. /keep 0.5 (got {arg!r})") from None
+        value = math.nan
+    if not math.isfinite(value):  # nan and inf parse as floats, and would reach the engine
+        raise IFPError(f"/keep takes a fraction of channels in (0, 1], e.g. /keep 0.5 (got {arg!r})")
     session.set_keep(value)
     term.note(switched(session))
 
@@ -121,7 +124,7 @@ COMMANDS = {
     "stats": Command(stats, "/stats", "the last reply's full statistics"),
     "mask": Command(mask, "/mask", "the channels this conversation keeps, per layer"),
     "save": Command(save, "/save FILE", "write the conversation and settings as JSON"),
-    "quit": Command(quit_, "/quit", "leave (so do Ctrl+D and Ctrl+C at an empty prompt)"),
+    "quit": Command(quit_, "/quit", "leave (so does Ctrl+D at an empty prompt)"),
 }
 TAKES_ARGUMENT = {"keep", "selector", "task", "save"}
 

@@ -1,5 +1,10 @@
 """The read-reply loop: prompt_toolkit in a terminal, plain lines from a pipe.
 
+Every line is checked to be UTF-8 before it is used, and a line that is
+refused (bytes that are not UTF-8, a message longer than the context) is
+one error line: the conversation goes on. Ctrl+C at the prompt never quits
+(a stray one would lose the conversation): it says how to.
+
 Ctrl+C during a reply asks it to stop after the token being computed, so the
 KV cache is never left half-written by an interrupt in the middle of a layer;
 the partial reply stays in the conversation. A second Ctrl+C stops at once
@@ -7,6 +12,7 @@ and drops the cached KV (the next turn processes the conversation again).
 """
 
 import os
+import select
 import signal
 import sys
 from contextlib import contextmanager
@@ -14,20 +20,28 @@ from typing import Callable, Iterator
 
 from ..errors import IFPError
 from ..files import ifp_home
+from ..text import check_utf8
 from .commands import Quit, run_command
 from .session import ChatSession
 from .view import Terminal, stats_line
 
 PROMPT = "> "
+QUIT_HINT = "(to quit: /quit or Ctrl+D)"
+PASTE_GAP = 0.01  # seconds: keys closer than this are one paste (typing is ten times slower)
+PASTE_BATCH = 1 << 20  # keys: a longer paste goes in as several, so memory stays bounded while it arrives
 HISTORY = "chat_history"  # under $IFP_HOME
 
 
-def handle(session: ChatSession, line: str, term: Terminal) -> bool:
-    """One line of input: a command, or a user turn and its reply. False: an IFPError was reported."""
-    line = line.strip()
-    if not line:
-        return True
+def handle(session: ChatSession, line: str, term: Terminal, name: str = "the line") -> bool:
+    """One line of input: a command, or a user turn and its reply. False: an IFPError was reported.
+
+    ``line`` may hold bytes that were not UTF-8 as lone surrogates (how
+    prompt_toolkit and a piped stdin hand them on); ``name`` is how an error names it.
+    """
     try:
+        line = check_utf8(line, name).strip()
+        if not line:
+            return True
         if line.startswith("/") and not line.startswith("//"):
             run_command(session, line, term)
         else:
@@ -95,16 +109,16 @@ def run(session: ChatSession, term: Terminal) -> int:
 def piped(session: ChatSession, term: Terminal) -> int:
     """Lines from a pipe or file, for scripts: no prompt, no line editing. Status 2 if a line was refused."""
     failed = False
-    for line in sys.stdin:
+    for number, line in enumerate(sys.stdin.buffer, 1):
         try:
-            failed |= not handle(session, line, term)
+            failed |= not handle(session, line.decode("utf-8", "surrogateescape"), term, f"line {number}")
         except Quit:
             break
     return 2 if failed else 0
 
 
 def interactive(session: ChatSession, term: Terminal) -> int:
-    """prompt_toolkit's line editing and history; Ctrl+C clears a typed line, and at an empty one quits."""
+    """prompt_toolkit's line editing and history; Ctrl+C clears a typed line, and at an empty one says how to quit."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.key_binding import KeyBindings
 
@@ -118,13 +132,16 @@ def interactive(session: ChatSession, term: Terminal) -> int:
         else:
             event.app.exit(exception=KeyboardInterrupt, style="class:aborting")
 
-    prompt = PromptSession(history=history(), key_bindings=bindings)
+    prompt = PromptSession(history=history(), key_bindings=bindings, input=burst_input())
     term.note(f"{session.describe()} | /help for commands, Ctrl+D to quit")
     while True:
         try:
             line = prompt.prompt(PROMPT)
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             return 0
+        except KeyboardInterrupt:
+            term.note(QUIT_HINT)
+            continue
         try:
             handle(session, line, term)
         except Quit:
@@ -145,3 +162,46 @@ def history():
     except OSError:
         return InMemoryHistory()
     return FileHistory(str(path))
+
+
+def burst_input():
+    """The terminal's input, with the characters of a paste given as one paste however they arrive.
+
+    A terminal without bracketed paste (or a script typing into one) sends a
+    paste as keystrokes, and prompt_toolkit spends about a millisecond, a
+    redraw of the whole line and a copy of it for undo on each: 100,000
+    characters took a minute and gigabytes before the line could be refused.
+    Input that keeps arriving within ``PASTE_GAP`` seconds is read as one
+    batch, and its runs of characters go in as one paste: one insertion, one redraw.
+    """
+    from prompt_toolkit.input.vt100 import Vt100Input
+
+    class BurstInput(Vt100Input):
+        def read_keys(self) -> list:
+            keys = super().read_keys()
+            while 0 < len(keys) < PASTE_BATCH and select.select([self.fileno()], [], [], PASTE_GAP)[0]:
+                keys += super().read_keys()
+            return as_pastes(keys)
+
+    return BurstInput(sys.stdin)
+
+
+def as_pastes(keys: list) -> list:
+    """The key presses with each run of two or more plain characters joined into one paste."""
+    from prompt_toolkit.key_binding import KeyPress
+    from prompt_toolkit.keys import Keys
+
+    merged: list = []
+    run: list[str] = []
+    for key in keys + [None]:
+        if key is not None and not isinstance(key.key, Keys) and key.key.isprintable():
+            run.append(key.data)
+            continue
+        if len(run) > 1:
+            merged.append(KeyPress(Keys.BracketedPaste, "".join(run)))
+        elif run:
+            merged.append(KeyPress(run[0], run[0]))
+        run = []
+        if key is not None:
+            merged.append(key)
+    return merged

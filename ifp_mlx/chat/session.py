@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 
 from ..engine.conversation import ConversationCache, reply
 from ..engine.engine import Engine
-from ..engine.prompts import chat_tokens, check_context, context_length, prompt_tokens
+from ..engine.prompts import chat_tokens, check_context, check_length, context_length, prompt_tokens
 from ..engine.stats import GenerationConfig, GenerationStats
 from ..errors import IFPError
 from ..files import atomic_file
@@ -26,6 +26,7 @@ from ..select.base import Selection
 from ..select.choose import choose
 
 CONTEXT_HINT = "; /reset starts a new conversation, or lower --max-tokens"
+LENGTH_HINT = "; send a shorter one"
 
 
 @dataclass
@@ -119,8 +120,10 @@ class ChatSession:
     def _select_task(self, task: str) -> Selection:
         if not task.strip():
             raise IFPError("the task is empty: give an instruction to choose the mask from")
+        context = context_length(self.loaded.config)
+        check_length(self.loaded.tokenizer, task, 0, context, what="the task")
         tokens = prompt_tokens(self.loaded.tokenizer, task, self.settings.system)
-        check_context(tokens, 0, context_length(self.loaded.config), what="the task")
+        check_context(tokens, 0, context, what="the task")
         return Selection(self.engine.select(tokens).indices)
 
     @property
@@ -143,10 +146,11 @@ class ChatSession:
         """
         if not text.strip():
             raise IFPError("the message is empty")
+        max_tokens, context = self.settings.generation.max_tokens, context_length(self.loaded.config)
+        check_length(self.loaded.tokenizer, text, max_tokens, context, what="the message", hint=LENGTH_HINT)
         messages = self.messages + [{"role": "user", "content": text}]
         tokens = chat_tokens(self.loaded.tokenizer, messages)
-        check_context(tokens, self.settings.generation.max_tokens, context_length(self.loaded.config),
-                      what="the conversation", hint=CONTEXT_HINT)
+        check_context(tokens, max_tokens, context, what="the conversation", hint=CONTEXT_HINT)
         mask = self.mask or self.task_mask()
         return self._stream(messages, mask)
 
@@ -199,8 +203,8 @@ class ChatSession:
         try:
             with atomic_file(path) as tmp:
                 tmp.write_text(json.dumps(self.transcript(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise IFPError(f"could not save to {path}: {e.strerror or e}") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+            raise IFPError(f"could not save to {path}: {getattr(e, 'strerror', None) or e}") from None
         return path
 
 

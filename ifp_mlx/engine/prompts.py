@@ -68,6 +68,38 @@ def check_context(
     raise IFPError(f"{what} is {len(tokens)} tokens{total}, more than the model's context of {context_length} tokens{hint}")
 
 
+CHARS_PER_TOKEN_BOUND = 16  # real text averages about 4 characters a token; 16 leaves room for code and markup
+
+
+def check_length(
+    tokenizer: TokenizerWrapper, text: str, max_tokens: int, context_length: Optional[int],
+    what: str = "prompt", hint: str = "",
+) -> None:
+    """Refuse text far too long for the context while tokenizing only a bounded prefix of it.
+
+    A paste of megabytes would otherwise go whole through the chat template
+    and the tokenizer (seconds and gigabytes) only to be refused. Text longer
+    than ``CHARS_PER_TOKEN_BOUND`` characters per token of the room left is
+    cut at a space within that bound; the tokens before the cut are tokens of
+    the whole text too, so when they alone overflow, the whole does. Shorter
+    text costs at most that much tokenizing, and ``check_context`` decides.
+    """
+    if context_length is None:
+        return
+    room = max(context_length - max_tokens, 0)
+    limit = room * CHARS_PER_TOKEN_BOUND
+    if len(text) <= limit:
+        return
+    cut = max(text.rfind(space, 0, limit) for space in " \n\t")
+    if cut <= 0:  # one word longer than the bound: only the whole text's tokens can tell
+        return
+    counted = len(tokenizer.encode(text[:cut], add_special_tokens=False))
+    if counted > room:
+        reply = f" with {max_tokens} to generate" if max_tokens else ""
+        raise IFPError(f"{what} is {len(text):,} characters, more than the model's context of {context_length} tokens"
+                       f" holds{reply} (its first {cut:,} characters are already {counted:,} tokens){hint}")
+
+
 def fit_prompt(
     tokenizer: TokenizerWrapper,
     prompt: str,
