@@ -227,10 +227,20 @@ def _mb(n: int) -> str:
 
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
-    """A temporary path (same folder and suffix) renamed to ``path`` when the block succeeds."""
+    """A temporary path (same folder and suffix) renamed to ``path`` when the block succeeds.
+
+    The temporary file is created before the block runs, so a folder that cannot be
+    written is one line naming ``path`` (MLX's writers raise a RuntimeError, and
+    its message names only the temporary file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.touch()
+    except FileExistsError:
+        raise IFPError(f"cannot write {path}: a file stands where its folder would be") from None
+    except OSError as e:
+        raise IFPError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         yield tmp
         os.replace(tmp, path)

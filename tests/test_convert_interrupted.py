@@ -9,6 +9,7 @@ have).
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 from ifp_mlx.convert import ConvertOptions, convert
 from ifp_mlx.convert.random_model import random_llama_config, write_random_hf_folder
-from ifp_mlx.files import STALE_S, remove_abandoned
+from ifp_mlx.errors import IFPError
+from ifp_mlx.files import STALE_S, atomic_file, remove_abandoned
 
 IFP = str(Path(sys.executable).with_name("ifp"))
 WAIT_S = 120.0  # for a process to reach a state; never reached unless something is broken
@@ -178,3 +180,17 @@ def test_a_file_size_limit_is_one_line_and_leaves_nothing(small_hf, tmp_path):
     line = one_line_error(result)
     assert f"could not write {tmp_path / 'out'}: file too large" in line, line
     assert sorted(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["file/x.json", "/proc/ifp-test.json"])
+def test_a_file_that_cannot_be_written_is_one_line_before_the_block_runs(tmp_path, where):
+    """atomic_file creates its temporary file first: a place that cannot be written
+    (a file where the folder would be, a filesystem that takes no new files) is refused
+    naming the path, and the block (the writer) never runs."""
+    (tmp_path / "file").write_text("")
+    target = tmp_path / where
+    ran = []
+    with pytest.raises(IFPError, match=f"cannot write {re.escape(str(target))}: "):
+        with atomic_file(target):
+            ran.append(True)
+    assert ran == [] and os.listdir(tmp_path) == ["file"]
