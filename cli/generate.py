@@ -77,8 +77,15 @@ def generate(
 
 
 def check_memory(path, selector, keep, k, mask, predictor, low_memory: bool, context_tokens: int) -> None:
-    """Refuse a run that will not fit, before loading anything (ifp_mlx.engine.memory)."""
+    """Refuse a run that will not fit, before loading anything (ifp_mlx.engine.memory).
+
+    ``context_tokens`` counts a prompt's characters, an upper bound on its
+    tokens; no more than the model's context is ever processed (a longer
+    prompt is refused or cut later), so a prompt of a million characters is
+    not answered with a memory error for a KV of a million tokens.
+    """
     from ..engine.memory import check_fit
+    from ..engine.prompts import context_length
     from ..model.load import read_config
     from ..select.base import DEFAULT_KEEP
     from ..select.choose import prunes
@@ -89,6 +96,7 @@ def check_memory(path, selector, keep, k, mask, predictor, low_memory: bool, con
         raise IFPError("--low-memory reads only the selected channels: it needs pruning (--keep R, or a --selector)")
     d_ff = config["ifp"]["bank"]["d_ff"]
     share = keep if keep is not None else (min(k, d_ff) / d_ff if k else DEFAULT_KEEP)
+    context_tokens = min(context_tokens, context_length(config) or context_tokens)
     check_fit(path, config, share if pruning else None, low_memory, context_tokens)
 
 

@@ -105,3 +105,9 @@ def test_a_piped_chat_refuses_bad_lines_and_keeps_the_conversation(tiny_model, t
     messages = json.loads(saved.read_text())["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"] * 2  # the refused lines changed nothing
     assert [messages[0]["content"], messages[2]["content"]] == ["Hello there", "How are you?"]
+
+
+def test_a_huge_prompt_is_no_memory_error(smollm2_dir):
+    """The fit check counted a million characters as a KV of a million tokens: "needs 55 GB, convert to 4-bit"."""
+    refused = one_line_error(run(["generate", "-", "-m", str(smollm2_dir)], stdin=b"hello world " * 90_000))
+    assert "more than the model's context of 8192 tokens" in refused and "GB" not in refused
