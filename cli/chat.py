@@ -6,6 +6,7 @@ from typing import Optional
 import typer
 
 from ..errors import IFPError
+from ..text import check_utf8
 from .app import app, err, resolve
 from .generate import check_memory, check_text
 
@@ -44,6 +45,8 @@ def chat(
         raise IFPError("--temp must be >= 0 and --top-p in (0, 1]")
     if task is not None:
         check_text(task, "--task")
+    if system is not None:
+        check_utf8(system, "--system")
 
     # imported after the checks, which then answer at once: these imports take seconds
     from ..chat.repl import run

@@ -1,6 +1,5 @@
 """`ifp generate`: select, gather and stream a reply."""
 
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -8,7 +7,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from ..errors import IFPError
-from ..text import decode_utf8
+from ..text import check_utf8, decode_utf8
 from .app import app, err, resolve
 
 if TYPE_CHECKING:
@@ -47,6 +46,8 @@ def generate(
     texts = read_prompts(prompts)
     if task is not None:
         check_text(task, "--task")
+    if system is not None:
+        check_utf8(system, "--system")
 
     # imported after the checks, which then answer at once: these imports take seconds
     from ..engine.stats import GenerationConfig, GenerationStats
@@ -115,16 +116,15 @@ def read_prompts(prompts: list[str]) -> list[str]:
     texts = []
     for i, arg in enumerate(prompts, 1):
         name = prompt_name(arg, i, len(prompts))
-        if arg == "-":
-            text = decode_utf8(sys.stdin.buffer.read(), "stdin")
-        else:  # bytes that are not UTF-8 in argv arrive as surrogate escapes; fsencode gives them back
-            text = decode_utf8(os.fsencode(arg), name)
+        text = decode_utf8(sys.stdin.buffer.read(), "stdin") if arg == "-" else arg
         texts.append(check_text(text, name))
     return texts
 
 
 def check_text(text: str, name: str) -> str:
-    """The text, unless it is empty or only whitespace: there is nothing to reply to."""
+    """The text, unless it holds bytes that are not UTF-8 (argv hands them on as surrogate
+    escapes), or is empty or only whitespace: there is nothing to reply to."""
+    text = check_utf8(text, name)
     if not text.strip():
         raise IFPError(f"{name} is empty: give some text to reply to")
     return text

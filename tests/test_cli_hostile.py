@@ -67,6 +67,13 @@ def test_generate_refuses_bytes_that_are_not_utf8(tiny_model):
     assert "the prompt is not UTF-8 text (byte 0xe9 at offset 3)" in argv
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("option", ["--task", "--system"])
+def test_options_with_bytes_that_are_not_utf8_are_refused(tiny_model, command, option):
+    args = [command, *(["Hi"] if command == "generate" else []), "-m", str(tiny_model), option, b"ab\xff"]
+    assert f"{option} is not UTF-8 text (byte 0xff at offset 2)" in one_line_error(run(args))
+
+
 def test_a_nul_byte_is_text(tiny_model):
     result = run(["generate", "-", "-m", str(tiny_model), "-n", "2"], stdin=b"Hi\x00there")
     assert result.returncode == 0 and "tok/s" in result.stderr.decode(), result.stderr.decode()
