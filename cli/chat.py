@@ -5,10 +5,9 @@ from typing import Optional
 
 import typer
 
-from ..errors import IFPError
 from ..text import check_utf8
 from .app import app, err, resolve
-from .generate import check_memory, check_text
+from .generate import check_memory, check_sampling, check_text
 
 # The KV a conversation of several turns holds, for the fit check: the
 # model's whole context would refuse models that chat runs well.
@@ -39,10 +38,7 @@ def chat(
 
     Example: ifp chat --keep 0.5 --system "You are a concise assistant."
     """
-    if max_tokens < 1:
-        raise IFPError(f"--max-tokens must be at least 1 (got {max_tokens})")
-    if temp < 0 or not 0 < top_p <= 1:
-        raise IFPError("--temp must be >= 0 and --top-p in (0, 1]")
+    check_sampling(max_tokens, temp, top_p, seed)
     if task is not None:
         check_text(task, "--task")
     if system is not None:

@@ -1,5 +1,6 @@
 """`ifp generate`: select, gather and stream a reply."""
 
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -39,10 +40,7 @@ def generate(
 
     Example: ifp generate "What is the capital of France?" --keep 0.5 --selector activations
     """
-    if max_tokens < 1:
-        raise IFPError(f"--max-tokens must be at least 1 (got {max_tokens})")
-    if temp < 0 or not 0 < top_p <= 1:
-        raise IFPError("--temp must be >= 0 and --top-p in (0, 1]")
+    check_sampling(max_tokens, temp, top_p, seed)
     texts = read_prompts(prompts)
     if task is not None:
         check_text(task, "--task")
@@ -75,6 +73,20 @@ def generate(
         sys.stdout.write("\n")
         sys.stdout.flush()
         err.print(f"[dim]{stats.summary()}[/dim]", highlight=False, soft_wrap=True)
+
+
+def check_sampling(max_tokens: int, temp: float, top_p: float, seed: Optional[int]) -> None:
+    """Refuse sampling options the engine cannot use, before loading anything.
+
+    A NaN passes any comparison that is written to refuse (``temp < 0``), so
+    each check is written to accept; a seed is MLX's unsigned 64-bit one.
+    """
+    if max_tokens < 1:
+        raise IFPError(f"--max-tokens must be at least 1 (got {max_tokens})")
+    if not (0 <= temp < math.inf and 0 < top_p <= 1):
+        raise IFPError(f"--temp must be >= 0 and --top-p in (0, 1] (got {temp} and {top_p})")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise IFPError(f"--seed must be in 0..2**64-1 (got {seed})")
 
 
 def check_memory(path, selector, keep, k, mask, predictor, low_memory: bool, context_tokens: int) -> None:

@@ -74,6 +74,18 @@ def test_options_with_bytes_that_are_not_utf8_are_refused(tiny_model, command, o
     assert f"{option} is not UTF-8 text (byte 0xff at offset 2)" in one_line_error(run(args))
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("option, value, message", [
+    ("--temp", "nan", "--temp must be >= 0"), ("--temp", "inf", "--temp must be >= 0"),
+    ("--top-p", "nan", "--top-p in (0, 1]"), ("--seed", "-1", "--seed must be in 0..2**64-1"),
+    ("--seed", str(2**64), "--seed must be in 0..2**64-1"),
+])
+def test_sampling_options_out_of_range_are_refused(tiny_model, command, option, value, message):
+    """NaN passed ``temp < 0`` and sampled; a negative seed was MLX's TypeError traceback."""
+    args = [command, *(["Hi"] if command == "generate" else []), "-m", str(tiny_model), option, value]
+    assert message in one_line_error(run(args))
+
+
 def test_a_nul_byte_is_text(tiny_model):
     result = run(["generate", "-", "-m", str(tiny_model), "-n", "2"], stdin=b"Hi\x00there")
     assert result.returncode == 0 and "tok/s" in result.stderr.decode(), result.stderr.decode()
