@@ -80,9 +80,11 @@ def check_length(
     A paste of megabytes would otherwise go whole through the chat template
     and the tokenizer (seconds and gigabytes) only to be refused. Text longer
     than ``CHARS_PER_TOKEN_BOUND`` characters per token of the room left is
-    cut at a space within that bound; the tokens before the cut are tokens of
-    the whole text too, so when they alone overflow, the whole does. Shorter
-    text costs at most that much tokenizing, and ``check_context`` decides.
+    cut at a space within that bound. The tokenizers split words at spaces,
+    so the tokens before the cut are tokens of the whole text too: when they
+    alone overflow, the whole does. Text this cannot refuse (shorter, or
+    denser than the bound, as runs of ``=`` can be) is tokenized whole, and
+    ``check_context`` decides.
     """
     if context_length is None:
         return
