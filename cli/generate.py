@@ -100,7 +100,7 @@ def check_memory(path, selector, keep, k, mask, predictor, low_memory: bool, con
     from ..engine.memory import check_fit
     from ..engine.prompts import context_length
     from ..model.load import read_config
-    from ..select.base import DEFAULT_KEEP
+    from ..select.base import DEFAULT_KEEP, resolve_k
     from ..select.choose import prunes
 
     config = read_config(path)
@@ -108,7 +108,8 @@ def check_memory(path, selector, keep, k, mask, predictor, low_memory: bool, con
     if low_memory and not pruning:
         raise IFPError("--low-memory reads only the selected channels: it needs pruning (--keep R, or a --selector)")
     d_ff = config["ifp"]["bank"]["d_ff"]
-    share = keep if keep is not None else (min(k, d_ff) / d_ff if k else DEFAULT_KEEP)
+    # resolve_k refuses a --keep or --k out of range (NaN too) before any arithmetic on it
+    share = resolve_k(d_ff, keep, k) / d_ff if keep is not None or k is not None else DEFAULT_KEEP
     context_tokens = min(context_tokens, context_length(config) or context_tokens)
     check_fit(path, config, share if pruning else None, low_memory, context_tokens)
 

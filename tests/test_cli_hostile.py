@@ -79,9 +79,11 @@ def test_options_with_bytes_that_are_not_utf8_are_refused(tiny_model, command, o
     ("--temp", "nan", "--temp must be >= 0"), ("--temp", "inf", "--temp must be >= 0"),
     ("--top-p", "nan", "--top-p in (0, 1]"), ("--seed", "-1", "--seed must be in 0..2**64-1"),
     ("--seed", str(2**64), "--seed must be in 0..2**64-1"),
+    ("--keep", "nan", "--keep must be in (0, 1], got nan"), ("--keep", "inf", "--keep must be in (0, 1], got inf"),
 ])
 def test_sampling_options_out_of_range_are_refused(tiny_model, command, option, value, message):
-    """NaN passed ``temp < 0`` and sampled; a negative seed was MLX's TypeError traceback."""
+    """NaN passed ``temp < 0`` and sampled; a negative seed was MLX's TypeError traceback; a
+    NaN keep reached the fit check's arithmetic (a ValueError traceback)."""
     args = [command, *(["Hi"] if command == "generate" else []), "-m", str(tiny_model), option, value]
     assert message in one_line_error(run(args))
 

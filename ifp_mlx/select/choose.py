@@ -95,5 +95,5 @@ def sized(selector: Selector, d_ff: int, keep: Optional[float] = None, k: Option
     """``selector`` with the size the user named, else its own default size."""
     if keep is None and k is None:
         return Choice(selector, selector.default_k(d_ff))
-    requested = k if k is not None else round(keep * d_ff)
-    return Choice(selector, resolve_k(d_ff, keep, k), requested)
+    resolved = resolve_k(d_ff, keep, k)  # first: it refuses a keep of NaN or out of range in one line
+    return Choice(selector, resolved, k if k is not None else round(keep * d_ff))
