@@ -49,7 +49,7 @@ def outer_only(plan: Plan, work: Path, code: str) -> subprocess.CompletedProcess
     Landlock or audit hook."""
     argv = plan.command(work, [plan.interpreter, "-I", "-c", code])
     return subprocess.run(argv, cwd=work, env={}, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=30, **plan.popen_options())
+                          timeout=30)
 
 
 def token() -> str:

@@ -127,8 +127,7 @@ def _wait(plan: Plan, work: Path, limits: Limits, job: int, out, err) -> tuple[O
         argv = [plan.interpreter, "-I", "-B", "-c", RUNNER.read_text(), str(job), str(done_write)]
         start = time.perf_counter()
         child = subprocess.Popen(plan.command(work, argv), cwd=work, env={}, stdin=subprocess.DEVNULL, stdout=out,
-                                 stderr=err, start_new_session=True, pass_fds=(job, done_write),
-                                 **plan.popen_options())
+                                 stderr=err, start_new_session=True, pass_fds=(job, done_write))
         os.close(done_write)
         done_write = -1
         try:

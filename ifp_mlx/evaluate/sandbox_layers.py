@@ -22,6 +22,7 @@ The seccomp filter, rlimits, Landlock and the audit hook are applied inside by
 the runner (``sandbox_runner.py``).
 """
 
+import dataclasses
 import functools
 import os
 import grp
@@ -57,6 +58,7 @@ class Plan:
 
     interpreter: str
     uid: Optional[int] = None  # the child's uid and gid outside; None: ifp's own
+    setpriv: str = "setpriv"  # util-linux's, which switches to ``uid``
     bwrap: Optional[str] = None
     bwrap_options: tuple[str, ...] = ()  # the options this bwrap version knows beyond the basic ones
     unshare: Optional[str] = None  # the fallback without bwrap: a network namespace only
@@ -74,23 +76,30 @@ class Plan:
 
     def command(self, work: Path, argv: list[str]) -> list[str]:
         """``argv`` (the interpreter and the runner) wrapped in this plan's isolation."""
+        return [*self._as_uid(), *self._isolation(work), *argv]
+
+    def _as_uid(self) -> list[str]:
+        """setpriv switches to the sandbox's uid in the child, after ``fork``: ``Popen(user=...)``
+        would make Python fork instead of vfork, and OpenBLAS's fork handler can then
+        deadlock a process whose BLAS threads have run (it hung the test suite)."""
+        if self.uid is None:
+            return []
+        return [self.setpriv, f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups", "--"]
+
+    def _isolation(self, work: Path) -> list[str]:
         if self.bwrap:
-            return [self.bwrap, *bwrap_arguments(work, self.bwrap_options), "--", *argv]
+            return [self.bwrap, *bwrap_arguments(work, self.bwrap_options), "--"]
         if self.unshare:
-            return [self.unshare, "-rn", "--", *argv]
+            return [self.unshare, "-rn", "--"]
         if self.seatbelt:
-            return ["sandbox-exec", "-p", MACOS_PROFILE.format(folder=os.path.realpath(work)), *argv]
-        return argv
+            return ["sandbox-exec", "-p", MACOS_PROFILE.format(folder=os.path.realpath(work))]
+        return []
 
     def exit_status(self, returncode: int) -> int:
         """The child's status as Popen reports it: bwrap passes a death by signal N on as 128 + N."""
         if self.bwrap and 128 < returncode <= 128 + 64:
             return 128 - returncode
         return returncode
-
-    def popen_options(self) -> dict:
-        """What ``subprocess.Popen`` needs to start the child as the sandbox's uid."""
-        return {} if self.uid is None else {"user": self.uid, "group": self.uid, "extra_groups": []}
 
 
 def bwrap_arguments(work: Path, extra: tuple[str, ...]) -> list[str]:
@@ -115,19 +124,20 @@ def detect() -> Plan:
         return Plan(sys.executable, seatbelt=shutil.which("sandbox-exec") is not None)
     if not sys.platform.startswith("linux"):
         return Plan(sys.executable)
-    uid = free_id() if os.geteuid() == 0 else None
+    setpriv = shutil.which("setpriv")
+    uid = free_id() if os.geteuid() == 0 and setpriv else None
     interpreter = sys.executable if uid is None else reachable_interpreter()
     if interpreter is None:  # no Python a stranger could run: keep ifp's uid rather than no sandbox
         uid, interpreter = None, sys.executable
-    plan = Plan(interpreter, uid)
+    plan = Plan(interpreter, uid, setpriv or "setpriv")
     bwrap = shutil.which("bwrap")
     if bwrap:
-        with_bwrap = Plan(interpreter, uid, bwrap, bwrap_options(bwrap))
+        with_bwrap = dataclasses.replace(plan, bwrap=bwrap, bwrap_options=bwrap_options(bwrap))
         if starts(with_bwrap):
             return with_bwrap
     unshare = shutil.which("unshare")
-    if unshare and starts(Plan(interpreter, uid, unshare=unshare)):
-        return Plan(interpreter, uid, unshare=unshare)
+    if unshare and starts(dataclasses.replace(plan, unshare=unshare)):
+        return dataclasses.replace(plan, unshare=unshare)
     return plan
 
 
@@ -188,8 +198,7 @@ def starts(plan: Plan) -> bool:
         plan.prepare(Path(private), work)
         argv = plan.command(work, [plan.interpreter, "-I", "-S", "-c", "pass"])
         try:
-            done = subprocess.run(argv, env={}, stdin=subprocess.DEVNULL, capture_output=True, timeout=20, cwd=work,
-                                  **plan.popen_options())
+            done = subprocess.run(argv, env={}, stdin=subprocess.DEVNULL, capture_output=True, timeout=20, cwd=work)
         except (OSError, subprocess.TimeoutExpired):
             return False
     return done.returncode == 0
