@@ -4,7 +4,8 @@ On Linux, in the order a program meets them from outside in:
 
 - **a uid of no one's.** When ifp runs as root, the child runs as a uid (and
   gid) in no passwd or group entry that owns nothing, with no supplementary
-  groups: outside the sandbox it may do only what any stranger may. The
+  groups (util-linux's ``setpriv`` switches): outside the sandbox it may do only
+  what any stranger may. The
   sandbox then needs an interpreter every user can reach; a root-only one (a
   pyenv under /root) is replaced by the system's ``python3``.
 - **namespaces, by bubblewrap.** ``bwrap`` (maintained by the Flatpak
