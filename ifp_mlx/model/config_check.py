@@ -129,9 +129,10 @@ def head_dim(args: Any) -> int:
     return args.hidden_size // args.num_attention_heads
 
 
-def check_against_weights(config: dict, path: Path) -> None:
+def check_against_weights(config: dict, path: Path) -> Any:
     """The sizes in ``config`` against the tensors' shapes in the weight files' headers
-    (only headers are read): layers, vocabulary, hidden and FFN sizes, heads."""
+    (only headers are read): layers, vocabulary, hidden and FFN sizes, heads. Returns
+    the family's ModelArgs it built for the heads (what the model is built from)."""
     ifp = config["ifp"]
     weights = path / ifp["weights"]
     header, _ = read_header(weights, ConfigError)
@@ -152,6 +153,7 @@ def check_against_weights(config: dict, path: Path) -> None:
         name = f"model.layers.0.self_attn.{proj}.weight"
         _expect(path, ifp["weights"], shapes, name, (rows,) + shapes.get(name, (None, None))[1:], fields)
     _check_bank(config, path, width)
+    return args
 
 
 def _check_bank(config: dict, path: Path, width: int) -> None:

@@ -9,11 +9,11 @@ submodel, are assigned to the CompactMLPs afterwards.
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import mlx.core as mx
-from huggingface_hub.errors import StrictDataclassError
 import mlx.nn as nn
+from huggingface_hub.errors import StrictDataclassError
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load_tokenizer
@@ -22,7 +22,7 @@ from ..errors import IFPError
 from .bank import Bank, CompactFFN, dense_ffn
 from .adapter import Adapter
 from .bank_file import BankFile
-from .config_check import ConfigError, check_against_weights, check_config, error_line, model_args, parse_config
+from .config_check import ConfigError, check_against_weights, check_config, error_line, parse_config
 from .families import family_for
 from .ffn import CompactMLP
 
@@ -175,9 +175,9 @@ def load(path: str | Path, dense: bool = True, low_memory: bool = False) -> Load
     with ``low_memory`` the FFN bank stays on disk (see :class:`LoadedModel`)."""
     path = Path(path)
     config = read_config(path)
-    check_against_weights(config, path)
+    args = check_against_weights(config, path)
     family = family_for(config)
-    model = _build(config, path)
+    model = _build(config, args, path)
     mlps = [CompactMLP(family.activation, i) for i in range(len(model.layers))]
     for layer, mlp in zip(model.layers, mlps):
         layer.mlp = mlp
@@ -200,10 +200,9 @@ def load(path: str | Path, dense: bool = True, low_memory: bool = False) -> Load
     return loaded
 
 
-def _build(config: dict, path: Path) -> nn.Module:
-    """mlx-lm's model for a checked config. The checks cover every field the
-    families read; a combination they miss still fails here as one line."""
-    args = model_args(config, path / "config.json")
+def _build(config: dict, args: Any, path: Path) -> nn.Module:
+    """mlx-lm's model for a checked config and its ``args``. The checks cover every
+    field the families read; a combination they miss still fails here as one line."""
     model_class, _ = _get_classes(config)
     try:
         return model_class(args)
